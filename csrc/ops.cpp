@@ -9,7 +9,15 @@
 //          on every device (so shape inference needs no layout knowledge).
 //   w4a16_gemm(x [..., K], qweight, scales_p, zeros_p, group_size, bias?) -> [..., N] in x.dtype,
 //          computing x @ ((q - zeros) * scales).T + bias with fp32 accumulation.
+#include <Python.h>
 #include <torch/library.h>
+
+// `import vllm_sqplus._C` loads this library and so runs the registrations below; the module itself
+// is empty (pytorch/extension-cpp's pattern: ops are reached as torch.ops.sqplus.*).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
 
 TORCH_LIBRARY(sqplus, m) {
   m.def("w4a16_pack(Tensor q, Tensor scales, Tensor zeros, int group_size) -> Tensor[]");
