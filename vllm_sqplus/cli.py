@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             importlib.import_module(mod).add_parser(sub)
         except ModuleNotFoundError as e:  # a sub-command whose module is not there yet
-            if e.name != mod:
+            if e.name is None or not mod.startswith(e.name):
                 raise
     return parser
 

@@ -9,8 +9,12 @@ Layout of the reference (unpacked) form, shared by the whole project:
   w_hat = (q - zeros) * scales.
 group_size -1 means one group spanning all of K (per-channel).
 
-Asymmetric (zero_point=True) is min-max round-to-nearest as in AWQ / SmoothQuant+:
-  scale = max(max(w) - min(w), 1e-5) / 15,  zero = clamp(round(-min(w) / scale), 0, 15).
+Asymmetric (zero_point=True) is min-max round-to-nearest as in AWQ / SmoothQuant+, with the range
+widened to include 0 (GPTQ's quantizer does the same): lo = min(min(w), 0), hi = max(max(w), 0),
+  scale = max(hi - lo, 1e-5) / 15,  zero = round(-lo / scale) in 0..15 without clamping.
+Weight groups nearly always straddle 0, so this changes nothing there; a group of one sign (a
+constant group, say) would otherwise get its zero point clamped and collapse (AWQ's formula maps a
+group of all 3.0 to 1e-5).
 Symmetric (zero_point=False): scale = max(|w|) / 7 (clamped at 1e-5 / 7), zero = 8, codes -8..7 + 8.
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, zero_point: bool = Tru
     wg, g = _grouped(w, group_size, name)
     n, k = w.shape
     if zero_point:
-        wmax, wmin = wg.amax(dim=-1), wg.amin(dim=-1)
+        wmax, wmin = wg.amax(dim=-1).clamp(min=0), wg.amin(dim=-1).clamp(max=0)
         scales = ((wmax - wmin).clamp(min=_MIN_RANGE) / 15).to(w.dtype)
         s32 = scales.float()
         zeros = torch.round(-wmin / s32).clamp(0, 15)

@@ -1,0 +1,175 @@
+"""`sqplus smooth` end to end on tiny checkpoints, and every bad input it must refuse clearly."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import CODE, save_tiny
+from vllm_sqplus.cli import main
+
+FAST = ["--seq-len", "32", "--samples", "6", "--heldout", "2", "--alpha-step", "0.25", "--group-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "code.jsonl"
+    p.write_text("\n".join(json.dumps({"text": CODE * 3 + str(i)}) for i in range(4)) + "\n")
+    return p
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _logits(path, ids):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return m(ids).logits
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("qwen2", {"kv_heads": 2}), ("llama", {"tie": True})])
+def test_smooth_writes_equivalent_checkpoint(tmp_path, calib_file, arch, kw):
+    src = save_tiny(tmp_path / "src", arch, **kw)
+    before = _digest(src)
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha", "0.5", *FAST]) == 0
+    assert _digest(src) == before  # input untouched
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "smoothquant_plus" and qc["bits"] == 4 and qc["group_size"] == 64
+    assert qc["zero_point"] is True and qc["alpha"] == 0.5
+    for name in ("tokenizer.json", "sqplus_search.json", "sqplus_act_scales.safetensors", "model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp leftovers
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
+    ref, new = _logits(src, ids), _logits(out, ids)
+    assert float((new - ref).abs().max() / ref.abs().max()) <= 1e-4
+    # weights did change: a checkpoint copied unsmoothed would pass the check above too
+    from safetensors.torch import load_file
+    a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.input_layernorm.weight"], b["model.layers.0.input_layernorm.weight"])
+
+
+def test_search_is_deterministic_and_picks_the_minimum(tmp_path, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    tables = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST]) == 0
+        tables.append(json.loads((out / "sqplus_search.json").read_text()))
+    assert tables[0]["rows"] == tables[1]["rows"]
+    rows = tables[0]["rows"]
+    alphas = [r["alpha"] for r in rows]
+    assert None in alphas and 0.0 in alphas and 1.0 in alphas  # identity always a candidate
+    best = min(rows, key=lambda r: r["kl"])
+    assert tables[0]["chosen_alpha"] == best["alpha"]
+    assert json.loads((tmp_path / "out0" / "config.json").read_text())["quantization_config"]["alpha"] == best["alpha"]
+
+
+def test_layer_granularity_records_per_layer_alphas(tmp_path, calib_file):
+    src = save_tiny(tmp_path / "src", "qwen2", kv_heads=2)
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha-granularity",
+                 "layer", *FAST]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["alpha_granularity"] == "layer" and len(qc["layer_alphas"]) == 2
+    ids = torch.randint(0, 320, (2, 24))
+    ref, new = _logits(src, ids), _logits(out, ids)
+    assert float((new - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+# ---- bad input: one clear line on stderr, exit 2, input untouched -----------------------------
+
+def _fails(capsys, argv, pattern):
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [l for l in lines if "error" in l.lower()]
+    assert errors == [lines[-1]] and lines[-1].startswith("sqplus smooth: error: "), lines  # one, last
+    assert pattern in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def test_missing_folder(tmp_path, capsys):
+    _fails(capsys, ["smooth", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "model folder not found")
+
+
+def test_folder_without_config(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    _fails(capsys, ["smooth", str(tmp_path / "m"), "--out", str(tmp_path / "o")], "no config.json")
+
+
+def test_unsupported_architecture(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file)],
+           "unsupported architecture FalconForCausalLM")
+
+
+def test_group_size_not_dividing(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama", hidden=96, intermediate=192)
+    err = _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
+                          "--group-size", "64"], "not divisible by group_size 64")
+    assert "layers.0.self_attn.q_proj" in err and "[32]" in err
+
+
+def test_nan_weights(tmp_path, capsys, calib_file):
+    from safetensors.torch import load_file, save_file
+    src = save_tiny(tmp_path / "src", "llama")
+    sd = load_file(src / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file)],
+           "model.layers.1.mlp.up_proj.weight contains NaN or Inf")
+
+
+def test_corrupt_weights(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    w = src / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file)],
+           "cannot load weights")
+
+
+@pytest.mark.parametrize("content,pattern", [("", "holds no text"), ("{not json\n", "not valid JSON"),
+                                             ('{"foo": 1}\n', "no string field 'text'")])
+def test_bad_calibration_file(tmp_path, capsys, content, pattern):
+    src = save_tiny(tmp_path / "src", "llama")
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text(content)
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(bad)], pattern)
+
+
+def test_missing_calibration_file(tmp_path, capsys):
+    src = save_tiny(tmp_path / "src", "llama")
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "x.txt")],
+           "calibration file not found")
+
+
+def test_out_equal_to_model_and_not_empty(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    before = _digest(src)
+    _fails(capsys, ["smooth", str(src), "--out", str(src)], "--out must differ")
+    _fails(capsys, ["smooth", str(src), "--out", str(src / "sub")], "inside the input model folder")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    _fails(capsys, ["smooth", str(src), "--out", str(busy), "--calib", str(calib_file)], "--overwrite")
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert _digest(src) == before
+    assert main(["smooth", str(src), "--out", str(busy), "--calib", str(calib_file), "--overwrite",
+                 "--alpha", "0.5", *FAST]) == 0
+    assert not (busy / "keep.txt").exists() and (busy / "config.json").is_file()
+
+
+def test_already_smoothed_and_bad_alpha(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha", "0.5", *FAST]) == 0
+    capsys.readouterr()
+    _fails(capsys, ["smooth", str(out), "--out", str(tmp_path / "o2")], "already smoothed")
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o3"), "--alpha", "1.5"], "--alpha must lie in [0, 1]")

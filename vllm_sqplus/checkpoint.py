@@ -1,0 +1,129 @@
+"""Hugging Face checkpoint in and out: validate before any heavy work, never touch the input,
+write the output atomically (a temporary sibling folder, renamed into place at the end)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vllm_sqplus import QUANT_METHOD
+from vllm_sqplus.arch import ArchSpec, get_arch, get_module
+from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.quant import QuantError, check_group_size
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    d = Path(model_dir)
+    if not d.exists():
+        raise SqplusError(f"model folder not found: {d}")
+    if not d.is_dir():
+        raise SqplusError(f"not a folder: {d}")
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise SqplusError(f"{d} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SqplusError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def check_output_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    src, out = Path(model_dir).resolve(), Path(out_dir).resolve()
+    if out == src:
+        raise SqplusError("--out must differ from the input model folder (the input is never modified)")
+    if src in out.parents:
+        raise SqplusError(f"--out {out} lies inside the input model folder {src}; choose another place")
+    if out in src.parents:
+        raise SqplusError(f"--out {out} contains the input model folder; choose another place")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SqplusError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def load_model(model_dir: str | os.PathLike, dtype: str = "auto"):
+    """(model, arch) after validating folder, config, architecture, weights files and finiteness."""
+    raw = read_config(model_dir)
+    qc = raw.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "?")
+        what = "already smoothed by SmoothQuant+" if method == QUANT_METHOD else f"already quantized ({method})"
+        raise SqplusError(f"{model_dir} is {what}; start from the full-precision checkpoint")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad checkpoint
+        raise SqplusError(f"cannot read the config of {model_dir}: {e}") from None
+    arch = get_arch(config)
+    files = [p for p in Path(model_dir).iterdir() if p.name.endswith((".safetensors", ".bin"))]
+    if not files:
+        raise SqplusError(f"{model_dir} has no weight files (*.safetensors or *.bin)")
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        torch_dtype = stored if isinstance(stored, torch.dtype) else DTYPES.get(str(stored), torch.float32)
+    else:
+        torch_dtype = DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt weights, missing tensors, ...
+        raise SqplusError(f"cannot load weights of {model_dir}: {type(e).__name__}: {e}") from None
+    model.eval()
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise SqplusError(f"{model_dir}: weight {name} contains NaN or Inf")
+    return model, arch
+
+
+def check_group_sizes(model, arch: ArchSpec, group_size: int) -> None:
+    """Every quantized linear's in_features must be a multiple of the group (one clear error)."""
+    for i, layer in enumerate(get_module(model, arch.layers)):
+        for name in arch.linears:
+            k = get_module(layer, name).in_features
+            try:
+                check_group_size(k, group_size, f"layers.{i}.{name}")
+            except QuantError as e:
+                raise SqplusError(str(e)) from None
+
+
+def write_checkpoint_atomic(out_dir: Path, overwrite: bool, write) -> None:
+    """Call write(tmp_dir) in a temporary sibling of out_dir, then rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            if not overwrite and any(out_dir.iterdir()):
+                raise SqplusError(f"output {out_dir} appeared while writing; not replacing it")
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: str | os.PathLike, dst: Path) -> None:
+    """Tokenizer, generation config, chat template...: every top-level file that is not weights/config."""
+    for p in Path(src).iterdir():
+        if p.is_file() and p.name not in _SKIP_FILES and not p.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(p, dst / p.name)
+
+
+def save_model(model, src_dir, tmp: Path, quantization_config: dict) -> None:
+    """save_pretrained (safetensors; ties handled by transformers) + side files + our config entry."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    copy_side_files(src_dir, tmp)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = quantization_config
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
