@@ -1,0 +1,234 @@
+// CPU implementations of sqplus::w4a16_pack and sqplus::w4a16_gemm (schemas: csrc/ops.cpp).
+// Packed layout, math and blocking: w4a16_cpu.h. This file holds the torch glue: checks whose
+// messages print the shapes, the packing routine, activation pre-processing, the split of N across
+// threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the scalar fallback
+// and the run-time choice of ISA (AVX-512 > AVX2+FMA > scalar; SQPLUS_CPU_ISA=scalar|avx2|avx512
+// forces one, for tests and benchmarks).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "w4a16_cpu.h"
+
+namespace sqplus_cpu {
+
+void tile_scalar(const TileProblem& p) {
+  const int64_t len = p.G == 1 ? p.K8 : p.group;
+  float a[kTileN];
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    const int64_t k0 = gi * len;
+    for (int64_t m = 0; m < p.M; ++m) {
+      std::memset(a, 0, sizeof(a));
+      for (int64_t c = 0; c < len / kChunkK; ++c) {
+        const uint32_t* q = reinterpret_cast<const uint32_t*>(p.qw) + (k0 / kChunkK + c) * kTileN;
+        const float* x = p.xs + m * p.K8 + k0 + c * kChunkK;
+        for (int j = 0; j < 8; ++j) {
+          // same decode as the SIMD kernels (x pre-scaled by 16^-j), so all paths agree bit-for-bit
+          // up to summation order
+          const uint32_t mask = 0xFu << (4 * j);
+          for (int l = 0; l < kTileN; ++l) {
+            const uint32_t n = j < 7 ? (q[l] & mask) : (q[l] >> 28);
+            a[l] += static_cast<float>(static_cast<int32_t>(n)) * x[j];
+          }
+        }
+      }
+      const float* s = p.s + gi * p.s_stride;
+      const float* zs = p.zs + gi * p.s_stride;
+      const float xsum = p.xsum[m * p.G + gi];
+      for (int l = 0; l < kTileN; ++l) p.acc[m * kTileN + l] += s[l] * a[l] + zs[l] * xsum;
+    }
+  }
+}
+
+namespace {
+
+using TileFn = void (*)(const TileProblem&);
+
+// Chosen per call (a getenv is ~100 ns) so tests can force each path in one process.
+TileFn pick_kernel(const char** name) {
+  const char* force = std::getenv("SQPLUS_CPU_ISA");
+  const std::string want = force ? force : "";
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want == "scalar") { *name = "scalar"; return tile_scalar; }
+  if (want == "avx2") {
+    TORCH_CHECK(has2, "SQPLUS_CPU_ISA=avx2 but this CPU has no AVX2+FMA");
+    *name = "avx2"; return tile_avx2;
+  }
+  if (want == "avx512") {
+    TORCH_CHECK(has512, "SQPLUS_CPU_ISA=avx512 but this CPU has no AVX-512 (f, bw, vl)");
+    *name = "avx512"; return tile_avx512;
+  }
+  TORCH_CHECK(want.empty(), "SQPLUS_CPU_ISA must be scalar, avx2 or avx512, got '", want, "'");
+  if (has512) { *name = "avx512"; return tile_avx512; }
+  if (has2) { *name = "avx2"; return tile_avx2; }
+  *name = "scalar";
+  return tile_scalar;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Effective group size for in_features k, checked (error names the shapes).
+int64_t check_group(int64_t k, int64_t group_size, const char* what) {
+  const int64_t g = group_size == -1 ? k : group_size;
+  TORCH_CHECK(g > 0, what, ": group_size must be positive or -1, got ", group_size);
+  TORCH_CHECK(k % g == 0, what, ": K = ", k, " is not divisible by group_size ", group_size);
+  // a group must cover whole int32 lanes (8 k's) unless it spans all of K (per-channel), where K
+  // is zero-padded to a multiple of 8 instead
+  TORCH_CHECK(g % kChunkK == 0 || g == k, what, ": group_size ", group_size,
+              " must be a multiple of 8 (or -1)");
+  return g;
+}
+
+}  // namespace
+
+// q uint8 [N,K], scales [N,K/g] (float dtype), zeros uint8 [N,K/g] -> [qweight, scales_p, zeros_p]
+std::vector<at::Tensor> w4a16_pack_cpu(const at::Tensor& q, const at::Tensor& scales,
+                                       const at::Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte,
+              "w4a16_pack: q must be uint8 [N, K], got ", q.scalar_type(), " ", q.sizes());
+  const int64_t N = q.size(0), K = q.size(1);
+  const int64_t g = check_group(K, group_size, "w4a16_pack");
+  const int64_t G = K / g;
+  TORCH_CHECK(at::isFloatingType(scales.scalar_type()) && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == G,
+              "w4a16_pack: scales must be floating [N, K/g] = [", N, ", ", G, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes(),
+              "w4a16_pack: zeros must be uint8 [N, K/g] = [", N, ", ", G, "], got ",
+              zeros.scalar_type(), " ", zeros.sizes());
+  TORCH_CHECK(N == 0 || K == 0 || q.max().item<uint8_t>() <= 15,
+              "w4a16_pack: codes must lie in 0..15 (q.max() = ", (N && K) ? q.max().item<int>() : 0, ")");
+
+  const int64_t Nt = ceil_div(N, kTileN), K8 = ceil_div(K, kChunkK) * kChunkK;
+  // [Nt, K8/8, 64]: tile, 8-k chunk, column within the tile (padding holds code 0)
+  at::Tensor qweight = at::zeros({Nt, K8 / kChunkK, kTileN}, q.options().dtype(at::kInt));
+  const at::Tensor qc = q.contiguous();
+  const uint8_t* src = qc.data_ptr<uint8_t>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(qweight.data_ptr<int32_t>());
+  at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t l = 0; l < kTileN && t * kTileN + l < N; ++l) {
+        const uint8_t* row = src + (t * kTileN + l) * K;  // q[n, :]
+        for (int64_t c = 0; c < K8 / kChunkK; ++c) {
+          uint32_t w = 0;
+          for (int64_t j = 0; j < kChunkK && c * kChunkK + j < K; ++j)
+            w |= static_cast<uint32_t>(row[c * kChunkK + j]) << (4 * j);
+          dst[(t * (K8 / kChunkK) + c) * kTileN + l] = w;  // qweight[t, c, l]
+        }
+      }
+  });
+  const at::Tensor s32 = scales.to(at::kFloat);
+  at::Tensor scales_p = s32.t().contiguous();                              // [G, N]
+  at::Tensor zeros_p = (zeros.to(at::kFloat) * s32).neg_().t().contiguous();  // [G, N] = -z*s
+  return {qweight, scales_p, zeros_p};
+}
+
+// x [..., K] (f32/bf16/f16) -> [..., N] in x.dtype = x @ ((q - z) * s).T + bias
+at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t group_size,
+                          const c10::optional<at::Tensor>& bias) {
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
+              "w4a16_gemm: x must be float32, bfloat16 or float16, got ", xt, " ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, "w4a16_gemm: x must have a K dimension, got ", x.sizes());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 3 && qweight.size(2) == kTileN,
+              "w4a16_gemm: qweight must be the CPU packed int32 [N/64, K/8, 64], got ",
+              qweight.scalar_type(), " ", qweight.sizes(), " (pack it with w4a16_pack on the CPU)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 &&
+                  zeros.scalar_type() == at::kFloat && zeros.sizes() == scales.sizes(),
+              "w4a16_gemm: scales and zeros must be packed float32 [K/g, N], got ", scales.scalar_type(),
+              " ", scales.sizes(), " and ", zeros.scalar_type(), " ", zeros.sizes());
+  const int64_t K = x.size(-1), N = scales.size(1), G = scales.size(0);
+  const int64_t K8 = qweight.size(1) * kChunkK;
+  TORCH_CHECK(ceil_div(K, kChunkK) * kChunkK == K8 && qweight.size(0) == ceil_div(N, kTileN),
+              "w4a16_gemm: x ", x.sizes(), " (K = ", K, ") does not match qweight ", qweight.sizes(),
+              " / scales ", scales.sizes(), " (N = ", N, ")");
+  const int64_t g = check_group(K, group_size, "w4a16_gemm");
+  TORCH_CHECK(K / g == G, "w4a16_gemm: K = ", K, " / group_size ", group_size, " = ", K / g,
+              " groups, but scales has ", G, " rows: ", scales.sizes());
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && at::isFloatingType(bias->scalar_type()),
+                "w4a16_gemm: bias must be floating [N] = [", N, "], got ", bias->scalar_type(), " ",
+                bias->sizes());
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out.view(out_shape);
+
+  // Activations once per call: float32, pre-scaled per nibble position (layout note), K padded
+  // to 8 with zeros; plus the per-group sums that carry the zero points.
+  const int64_t len = G == 1 ? K8 : g;
+  std::vector<float> xs(M * K8, 0.0f), xsum(M * G, 0.0f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = static_cast<float>(xp[m * K + k]);
+          xs[m * K8 + k] = v * xs_factor(k);
+          xsum[m * G + k / len] += v;
+        }
+    });
+  });
+
+  const char* isa = nullptr;
+  const TileFn kernel = pick_kernel(&isa);
+  const int64_t Nt = ceil_div(N, kTileN);
+  const float* sp = scales.contiguous().data_ptr<float>();
+  const float* zp = zeros.contiguous().data_ptr<float>();
+  const int32_t* qp = qweight.contiguous().data_ptr<int32_t>();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_out", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(M * kTileN), spad, zpad;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kTileN, cols = std::min(kTileN, N - n0);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        TileProblem p{qp + t * (K8 / kChunkK) * kTileN, sp + n0, zp + n0, N, xs.data(), xsum.data(),
+                      M, K8, len, G, acc.data()};
+        if (cols < kTileN) {  // last, partial tile: the kernels read 64 columns, give them padding
+          spad.assign(G * kTileN, 0.0f);
+          zpad.assign(G * kTileN, 0.0f);
+          for (int64_t gi = 0; gi < G; ++gi)
+            for (int64_t l = 0; l < cols; ++l) {
+              spad[gi * kTileN + l] = sp[gi * N + n0 + l];
+              zpad[gi * kTileN + l] = zp[gi * N + n0 + l];
+            }
+          p.s = spad.data();
+          p.zs = zpad.data();
+          p.s_stride = kTileN;
+        }
+        kernel(p);
+        for (int64_t m = 0; m < M; ++m)  // fused epilogue: bias, cast to x.dtype
+          for (int64_t l = 0; l < cols; ++l)
+            op[m * N + n0 + l] =
+                static_cast<scalar_t>(acc[m * kTileN + l] + (bp ? bp[n0 + l] : 0.0f));
+      }
+    });
+  });
+  return out.view(out_shape);
+}
+
+}  // namespace sqplus_cpu
+
+TORCH_LIBRARY_IMPL(sqplus, CPU, m) {
+  m.impl("w4a16_pack", &sqplus_cpu::w4a16_pack_cpu);
+  m.impl("w4a16_gemm", &sqplus_cpu::w4a16_gemm_cpu);
+}
