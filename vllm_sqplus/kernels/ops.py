@@ -1,0 +1,97 @@
+"""Loading of the compiled ops (vllm_sqplus._C) and their fake (meta) implementations.
+
+The ops are defined in csrc/ops.cpp (schemas) and implemented per device (csrc/cpu, csrc/cuda):
+  torch.ops.sqplus.w4a16_pack(q, scales, zeros, group_size) -> [qweight, scales_p, zeros_p]
+  torch.ops.sqplus.w4a16_gemm(x, qweight, scales_p, zeros_p, group_size, bias=None) -> y
+Importing this module never fails: when the extension cannot be loaded, `LOAD_ERROR` says why and
+the first caller that needs it warns once (`warn_missing_once`), then the reference path runs.
+
+The fake implementations let torch.compile / CUDA graphs trace the ops without running them. The
+gemm's output shape needs no layout knowledge (scales_p is [K/g, N] on every device); the pack's
+output shapes are each device's layout, looked up in PACKED_SHAPES (the CUDA kernel's module adds
+its own with `register_packed_shape("cuda", fn)`).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ["LOADED", "LOAD_ERROR", "has_kernel", "warn_missing_once", "register_packed_shape",
+           "cpu_packed_shape", "PACKED_SHAPES", "TILE_N", "CHUNK_K"]
+
+try:
+    import vllm_sqplus._C  # noqa: F401  (loading the library runs the TORCH_LIBRARY registrations)
+    LOADED, LOAD_ERROR = True, None
+except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
+    LOADED, LOAD_ERROR = False, f"{type(e).__name__}: {e}"
+
+TILE_N, CHUNK_K = 64, 8  # CPU layout constants (csrc/cpu/w4a16_cpu.h)
+
+_warned: set[str] = set()
+
+
+def warn_missing_once(device_type: str, reason: str) -> None:
+    """One warning per process and device type that the reference (slow) path is used instead."""
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    warnings.warn(f"vllm_sqplus: no compiled W4A16 kernel for device '{device_type}' ({reason}); "
+                  "using the reference path (dequantize + matmul, slow)", RuntimeWarning, stacklevel=3)
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when sqplus::w4a16_gemm and w4a16_pack have an implementation for this device type."""
+    if not LOADED:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sqplus::{op}", key)
+               for op in ("w4a16_pack", "w4a16_gemm"))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cpu_packed_shape(n: int, k: int, groups: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """CPU layout (csrc/cpu/w4a16_cpu.h): qweight int32 [ceil(N/64), ceil(K/8), 64],
+    scales_p and zeros_p (= -zeros*scales) float32 [K/g, N]."""
+    return [((_ceil_div(n, TILE_N), _ceil_div(k, CHUNK_K), TILE_N), torch.int32),
+            ((groups, n), torch.float32), ((groups, n), torch.float32)]
+
+
+# device type -> fn(N, K, K/g) -> [(shape, dtype)] for [qweight, scales_p, zeros_p]
+PACKED_SHAPES: dict[str, Callable[[int, int, int], list]] = {"cpu": cpu_packed_shape}
+
+
+def register_packed_shape(device_type: str, fn: Callable[[int, int, int], list]) -> None:
+    """Declare a device's packed shapes for the fake w4a16_pack (used under torch.compile)."""
+    PACKED_SHAPES[device_type] = fn
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("sqplus::w4a16_pack")
+    def _pack_fake(q, scales, zeros, group_size):
+        n, k = q.shape
+        fn = PACKED_SHAPES.get(q.device.type)
+        if fn is None:
+            raise NotImplementedError(f"sqplus::w4a16_pack: no packed layout declared for device "
+                                      f"'{q.device.type}' (ops.register_packed_shape)")
+        return [q.new_empty(shape, dtype=dtype) for shape, dtype in fn(n, k, scales.shape[1])]
+
+    @torch.library.register_fake("sqplus::w4a16_gemm")
+    def _gemm_fake(x, qweight, scales, zeros, group_size, bias=None):
+        torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                     lambda: f"w4a16_gemm: x must be float32/bfloat16/float16, got {x.dtype}")
+        return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+if LOADED:
+    try:
+        _register_fakes()
+    except RuntimeError as e:  # already registered (module reloaded): keep the first
+        if "already" not in str(e):
+            raise
