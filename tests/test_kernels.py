@@ -1,0 +1,252 @@
+"""CPU W4A16 kernels and the kernels API, against the float32 reference x @ dequantize_int4(...).T.
+
+Tolerances (max|y - ref| / max|ref|, ref computed in float32 from the same codes):
+  float32 x: 2e-5  (the kernel multiplies exactly and only sums in another order; seen ~1e-6)
+  float16 x: 1.5e-3 (output rounding to float16, 2^-11 relative per element)
+  bfloat16 x: 8e-3  (output rounding to bfloat16, 2^-8 relative per element)
+The activations are rounded to x.dtype before the reference sees them, so only the output
+rounding separates the two. Every ISA this CPU has is run (SQPLUS_CPU_ISA forces one).
+"""
+import functools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.kernels import (W4A16Linear, available_backends, ops, pack_weights,
+                                 resolve_backend, w4a16_matmul)
+from vllm_sqplus.kernels.cpu_layout import pack_cpu_reference, unpack_cpu
+from vllm_sqplus.quant import QuantError, dequantize_int4, quantize_int4
+
+needs_ext = pytest.mark.skipif(not ops.has_kernel("cpu"),
+                               reason=f"sqplus CPU kernel not built: {ops.LOAD_ERROR}")
+TOL = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+ISAS = ["scalar",
+        pytest.param("avx2", marks=pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")),
+                                                       reason="no AVX2+FMA")),
+        pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has("avx512bw"), reason="no AVX-512"))]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SQPLUS_CPU_ISA", request.param)
+    return request.param
+
+
+@functools.lru_cache(maxsize=16)  # quantizing the big shapes dominates the suite: once per shape
+def _quantized(n, k, g, zero_point, seed):
+    # shared between tests through the cache: never modify these tensors
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    q, s, z = quantize_int4(w, g, zero_point=zero_point)
+    x32 = torch.randn(128, k, generator=gen) + 0.5  # mean != 0: exercises the zero points
+    return q, s, z, dequantize_int4(q, s, z, g, torch.float32), x32, torch.randn(n, generator=gen)
+
+
+def _problem(m, n, k, g, zero_point, dtype, bias, seed=0):
+    q, s, z, w_ref, x32, b = _quantized(n, k, g, zero_point, seed)
+    x = x32[:m].to(dtype)
+    ref = x.float() @ w_ref.T
+    if bias:
+        ref = ref + b
+    return x, q, s, z, (b if bias else None), ref
+
+
+def _poison(numel, dtype):
+    # the op allocates its output with at::empty: hand the allocator a freed NaN block of that size
+    # first, so an element the kernel forgot to write shows up as NaN rather than a lucky zero
+    t = torch.full((numel,), float("nan"), dtype=dtype)
+    del t
+
+
+def _rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned element)"
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+# (M, N, K, group): small odd shapes for every group size, a few big ones (N, K >= 4096)
+SHAPES = [(m, n, k, g) for m in (1, 3, 16, 33, 128) for (n, k, g) in
+          [(256, 512, 32), (100, 192, 64), (64, 256, 128), (37, 100, -1), (130, 384, -1)]]
+BIG = [(1, 4096, 4096, 128), (16, 4672, 4160, 64), (3, 1000, 5120, 128), (33, 4096, 4096, 32)]
+
+
+@needs_ext
+@pytest.mark.parametrize("m,n,k,g", SHAPES + BIG)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemm_matches_reference(isa, m, n, k, g, dtype):
+    if isa == "scalar" and n * k > 2**20 and dtype != torch.float32:
+        pytest.skip("scalar path on big shapes: float32 only (keeps the suite fast)")
+    zero_point, bias = (m + n) % 2 == 0, n % 3 != 1  # vary both without squaring the test count
+    x, q, s, z, b, ref = _problem(m, n, k, g, zero_point, dtype, bias)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    _poison(m * n, dtype)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_zero_point_and_bias(isa, zero_point, bias):
+    x, q, s, z, b, ref = _problem(5, 192, 256, 64, zero_point, torch.float32, bias, seed=3)
+    if not zero_point:
+        assert (z == 8).all()
+    y = w4a16_matmul(x, pack_weights(q, s, z, 64, "sqplus"), 64, "sqplus", b)
+    assert _rel_err(y, ref) < TOL[torch.float32]
+
+
+@needs_ext
+def test_leading_dims_and_empty():
+    x, q, s, z, b, ref = _problem(6, 96, 128, 32, True, torch.bfloat16, True)
+    lin = W4A16Linear.from_quantized(q, s, z, 32, bias=b, backend="sqplus")
+    y = lin(x.view(2, 3, 128))
+    assert y.shape == (2, 3, 96) and _rel_err(y.view(6, 96), ref) < TOL[torch.bfloat16]
+    assert lin(torch.empty(0, 128, dtype=torch.bfloat16)).shape == (0, 96)
+
+
+@needs_ext
+@pytest.mark.parametrize("n,k,g", [(37, 100, -1), (130, 256, 32), (64, 128, 128), (1, 8, -1)])
+def test_pack_layout_exact(n, k, g):
+    gen = torch.Generator().manual_seed(n * k)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    gk = k if g == -1 else g
+    s = torch.rand(n, k // gk, generator=gen, dtype=torch.float32) + 0.1
+    z = torch.randint(0, 16, (n, k // gk), generator=gen, dtype=torch.uint8)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    assert qw.shape == (-(-n // 64), -(-k // 8), 64) and qw.dtype == torch.int32
+    assert torch.equal(qw, pack_cpu_reference(q))       # C++ pack == the PyTorch twin, bit for bit
+    assert torch.equal(unpack_cpu(qw, n, k), q)         # round trip
+    assert torch.equal(unpack_cpu(qw, qw.shape[0] * 64, qw.shape[1] * 8)[n:].unique(),
+                       torch.tensor([0], dtype=torch.uint8)) or n % 64 == 0  # padding holds code 0
+    assert torch.equal(sp, s.T.contiguous()) and torch.equal(zp, -(z.float() * s).T.contiguous())
+
+
+@needs_ext
+def test_all_isas_agree():
+    # the decode is shared; different ISAs differ only in summation order
+    x, q, s, z, b, ref = _problem(7, 320, 1024, 128, True, torch.float32, True, seed=5)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
+    outs = {}
+    for isa in ["scalar", "avx2", "avx512"]:
+        if isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw"):
+            continue
+        os.environ["SQPLUS_CPU_ISA"] = isa
+        try:
+            outs[isa] = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 128, b)
+        finally:
+            del os.environ["SQPLUS_CPU_ISA"]
+    for y in outs.values():
+        torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_ext
+def test_opcheck():
+    x, q, s, z, b, _ = _problem(3, 100, 192, 64, True, torch.bfloat16, True)
+    torch.library.opcheck(torch.ops.sqplus.w4a16_pack.default, (q, s, z, 64))
+    packed = torch.ops.sqplus.w4a16_pack(q, s, z, 64)
+    torch.library.opcheck(torch.ops.sqplus.w4a16_gemm.default, (x, *packed, 64, b))
+    torch.library.opcheck(torch.ops.sqplus.w4a16_gemm.default, (x.float(), *packed, 64, None))
+
+
+@needs_ext
+def test_errors():
+    x, q, s, z, b, _ = _problem(2, 64, 256, 64, True, torch.float32, False)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 64)
+    with pytest.raises(RuntimeError, match=r"not divisible by group_size 48"):
+        torch.ops.sqplus.w4a16_pack(q, s, z, 48)
+    with pytest.raises(QuantError, match="not divisible"):
+        pack_weights(q, s, z, 48, "sqplus")
+    with pytest.raises(RuntimeError, match=r"does not match qweight"):
+        torch.ops.sqplus.w4a16_gemm(x[:, :128], qw, sp, zp, 64)
+    with pytest.raises(RuntimeError, match=r"must be float32, bfloat16 or float16.*Double"):
+        torch.ops.sqplus.w4a16_gemm(x.double(), qw, sp, zp, 64)
+    with pytest.raises(RuntimeError, match=r"q must be uint8 \[N, K\]"):
+        torch.ops.sqplus.w4a16_pack(q.int(), s, z, 64)
+    with pytest.raises(RuntimeError, match=r"codes must lie in 0..15"):
+        torch.ops.sqplus.w4a16_pack(q | 16, s, z, 64)
+    with pytest.raises(RuntimeError, match=r"scales must be floating \[N, K/g\] = \[64, 4\]"):
+        torch.ops.sqplus.w4a16_pack(q, s[:, :2], z, 64)
+    with pytest.raises(RuntimeError, match=r"scales has 4 rows"):
+        torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 128)
+    with pytest.raises(RuntimeError, match=r"bias must be floating \[N\] = \[64\]"):
+        torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 64, torch.zeros(65))
+    with pytest.raises(SqplusError, match="must be float32, bfloat16 or float16"):
+        w4a16_matmul(x.to(torch.int32), {"qweight": qw, "scales": sp, "zeros": zp}, 64)
+    with pytest.raises(SqplusError, match="packed for 'sqplus'"):
+        w4a16_matmul(x, {"qweight": qw, "scales": sp, "zeros": zp}, 64, "reference")
+    with pytest.raises(SqplusError, match="unknown W4A16 backend"):
+        resolve_backend("marlin", "cpu")
+    os.environ["SQPLUS_CPU_ISA"] = "sse"
+    try:
+        with pytest.raises(RuntimeError, match="SQPLUS_CPU_ISA must be"):
+            torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 64)
+    finally:
+        del os.environ["SQPLUS_CPU_ISA"]
+
+
+@needs_ext
+def test_backends_agree_and_auto():
+    assert available_backends() == ["reference", "sqplus"]
+    assert resolve_backend("auto", "cpu") == "sqplus"
+    x, q, s, z, b, ref = _problem(4, 128, 256, 128, True, torch.float16, True, seed=9)
+    ys = {bk: W4A16Linear.from_quantized(q, s, z, 128, bias=b, backend=bk)(x)
+          for bk in ("reference", "sqplus", "auto")}
+    for y in ys.values():
+        assert y.dtype == torch.float16 and _rel_err(y, ref) < TOL[torch.float16]
+
+
+def test_reference_backend_matches_dequant():
+    x, q, s, z, b, ref = _problem(3, 48, 96, 32, True, torch.float32, True)
+    y = w4a16_matmul(x, pack_weights(q, s, z, 32, "reference"), 32, "reference", b)
+    assert _rel_err(y, ref) < 1e-6
+
+
+def test_auto_warns_once_where_no_kernel(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert resolve_backend("auto", "meta") == "reference"
+        assert resolve_backend("auto", "meta") == "reference"
+    assert len([w for w in rec if "no compiled W4A16 kernel" in str(w.message)]) == 1
+    with pytest.raises(SqplusError, match="not available on device 'meta'"):
+        resolve_backend("sqplus", "meta")
+
+
+def test_import_without_extension():
+    # a process where vllm_sqplus._C cannot load: the package imports, the reference path runs,
+    # and one warning says so
+    code = ("import sys, warnings; sys.modules['vllm_sqplus._C'] = None\n"
+            "import torch; from vllm_sqplus.kernels import *; from vllm_sqplus.quant import *\n"
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as rec:\n"
+            "    q, s, z = quantize_int4(torch.randn(8, 64), 32)\n"
+            "    lin = W4A16Linear.from_quantized(q, s, z, 32)\n"
+            "    W4A16Linear.from_quantized(q, s, z, 32)\n"
+            "    y = lin(torch.randn(2, 64))\n"
+            "assert available_backends() == ['reference'] and lin.backend == 'reference'\n"
+            "assert y.shape == (2, 8) and len(rec) == 1, rec\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    x, q, s, z, b, ref = _problem(4, 128, 256, 64, True, torch.float32, True)
+    lin = W4A16Linear.from_quantized(q, s, z, 64, bias=b, backend="sqplus")
+    y = torch.compile(lin, fullgraph=True)(x)
+    assert _rel_err(y, ref) < TOL[torch.float32]

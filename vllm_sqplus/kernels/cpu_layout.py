@@ -1,0 +1,34 @@
+"""The CPU packed layout in plain PyTorch: a twin of csrc/cpu's w4a16_pack, for exact tests.
+
+qweight int32 [ceil(N/64), ceil(K/8), 64]; qweight[t, c, l] bits 4j..4j+3 = q[t*64 + l, c*8 + j]
+(padding: code 0). Why this interleave: csrc/cpu/w4a16_cpu.h.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_sqplus.kernels.ops import CHUNK_K, TILE_N
+
+__all__ = ["pack_cpu_reference", "unpack_cpu"]
+
+_SHIFTS = 4 * torch.arange(CHUNK_K, dtype=torch.int64)  # nibble j at bits 4j
+
+
+def pack_cpu_reference(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] in 0..15 -> qweight int32 [ceil(N/64), ceil(K/8), 64]."""
+    n, k = q.shape
+    nt, kc = -(-n // TILE_N), -(-k // CHUNK_K)
+    qp = torch.zeros(nt * TILE_N, kc * CHUNK_K, dtype=torch.int64)
+    qp[:n, :k] = q.to(torch.int64)                                    # [Nt*64, K8] zero-padded
+    qp = qp.view(nt, TILE_N, kc, CHUNK_K).permute(0, 2, 1, 3)         # [Nt, K8/8, 64, 8]
+    words = (qp << _SHIFTS).sum(-1)                                    # [Nt, K8/8, 64] in 0..2^32-1
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits as uint32
+
+
+def unpack_cpu(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """qweight int32 [ceil(N/64), ceil(K/8), 64] -> q uint8 [N, K] (the inverse of packing)."""
+    nt, kc, _ = qweight.shape
+    words = qweight.to(torch.int64) & 0xFFFFFFFF                      # [Nt, K8/8, 64] unsigned
+    nib = (words.unsqueeze(-1) >> _SHIFTS) & 0xF                       # [Nt, K8/8, 64, 8]
+    q = nib.permute(0, 2, 1, 3).reshape(nt * TILE_N, kc * CHUNK_K)     # [Nt*64, K8]
+    return q[:n, :k].to(torch.uint8)
