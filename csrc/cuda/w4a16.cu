@@ -290,6 +290,10 @@ __global__ void w4a16_dequant_kernel(const uint4* __restrict__ qw, const T* __re
     const int grp = ks / kpg;
     const int col_p = strip * kStrip + 8 * g;
     const uint4 sv = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + col_p));
+    // float scales: 8 of them are 32 bytes, the second half here (unused for 16-bit T)
+    uint4 sv2 = make_uint4(0u, 0u, 0u, 0u);
+    if constexpr (sizeof(T) == 4)
+      sv2 = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + col_p) + 1);
     const uint2 zv = __ldg(reinterpret_cast<const uint2*>(zeros + (size_t)grp * N + col_p));
     const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
     const uint32_t words[4] = {b.x, b.y, b.z, b.w};
@@ -298,14 +302,29 @@ __global__ void w4a16_dequant_kernel(const uint4* __restrict__ qw, const T* __re
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = 2 * w + h;
+        const int n = strip * kStrip + 8 * j + g;
+        if constexpr (std::is_same_v<T, float>) {  // float activations: exact (q - z) * s in fp32
+          const float s = reinterpret_cast<const float*>(&sv)[j & 3];  // scales are float here (32 B)
+          const float s_hi = reinterpret_cast<const float*>(&sv2)[j & 3];
+          const float sc = j < 4 ? s : s_hi;
+          const float z = (float)(((j < 4 ? zv.x : zv.y) >> (8 * (j & 3))) & 0xffu);
+          const uint32_t wd = words[w] >> (8 * h);
+          float4 v;
+          v.x = ((float)((wd >> 0) & 15u) - z) * sc;
+          v.y = ((float)((wd >> 16) & 15u) - z) * sc;
+          v.z = ((float)((wd >> 4) & 15u) - z) * sc;
+          v.w = ((float)((wd >> 20) & 15u) - z) * sc;
+          *reinterpret_cast<float4*>(wout + (size_t)n * K + ks * kKStep + 4 * t) = v;
+          continue;
+        } else {
         const uint32_t s2 = ((sw[j >> 1] >> (16 * (j & 1))) & 0xffffu) * 0x10001u;
         const uint32_t zb = ((j < 4 ? zv.x : zv.y) >> (8 * (j & 3))) & 0xffu;
         const uint32_t z2 = (Traits<T>::kMagic | zb) * 0x10001u;
         uint2 v;
         v.x = dq2<T>(words[w], 8 * h, z2, s2);      // k = 4t, 4t+1
         v.y = dq2<T>(words[w], 8 * h + 4, z2, s2);  // k = 4t+2, 4t+3
-        const int n = strip * kStrip + 8 * j + g;
         *reinterpret_cast<uint2*>(wout + (size_t)n * K + ks * kKStep + 4 * t) = v;
+        }
       }
     }
   }
@@ -479,8 +498,10 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& zeros, int64_t group_size,
                            const c10::optional<at::Tensor>& bias, int64_t path) {
   TORCH_CHECK(x.is_cuda(), "sqplus w4a16_gemm (CUDA): x must be on CUDA");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "sqplus w4a16_gemm (CUDA): x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kFloat,
+              "sqplus w4a16_gemm (CUDA): x must be float16, bfloat16 or float32, got ",
+              x.scalar_type());
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 128 && qweight.scalar_type() == at::kInt,
               "sqplus w4a16_gemm (CUDA): qweight is not in the CUDA packed layout (w4a16_pack)");
   const int64_t N = qweight.size(0) * kStrip, K = qweight.size(1) * kKStep;
@@ -511,6 +532,11 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
   if (M == 0) return at::empty(out_shape, x.options());
   if (path == 0) path = M >= dequant_threshold() ? 2 : 1;
   at::Tensor out;
+  if (x.scalar_type() == at::kFloat) {  // no float tensor-core path: exact fp32 weights + cuBLAS
+    at::Tensor w = dequant<float>(qweight, s, z, N, K, group_size, x.options());
+    out = b ? at::linear(x2, w, *b) : at::linear(x2, w);
+    return out.view(out_shape);
+  }
   if (path == 2) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "w4a16_dequant", [&] {
       using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
@@ -546,10 +572,15 @@ at::Tensor w4a16_dequant_cuda(const at::Tensor& qweight, const at::Tensor& scale
   check_group(K, group_size);
   c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(scales.scalar_type(), "w4a16_dequant", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
-    out = dequant<T>(qweight, scales.contiguous(), zeros.contiguous(), N, K, group_size,
-                     scales.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "w4a16_dequant", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
+              std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, float>>;
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "sqplus w4a16_dequant (CUDA): float64 scales are not supported");
+    } else {
+      out = dequant<T>(qweight, scales.contiguous(), zeros.contiguous(), N, K, group_size,
+                       scales.options());
+    }
   });
   return out;
 }
