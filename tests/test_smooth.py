@@ -6,7 +6,7 @@ from tiny import tiny_model
 from vllm_sqplus.arch import get_arch, get_module
 from vllm_sqplus.calibrate import LayerwiseModel, get_act_scales
 from vllm_sqplus.errors import SqplusError
-from vllm_sqplus.search import apply_smoothing
+from vllm_sqplus.search import Candidate, apply_smoothing
 from vllm_sqplus.smooth import compute_smooth_scales
 
 CASES = [("llama", {}), ("mistral", {"kv_heads": 2}), ("qwen2", {"kv_heads": 2}),
@@ -27,7 +27,7 @@ def test_smoothed_logits_equal_original(arch_name, kw, alpha):
         ref = model(ids).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = get_act_scales(model, arch, ids)
-    apply_smoothing(model, arch, stats, alpha)
+    apply_smoothing(model, arch, stats, Candidate(alpha))
     with torch.no_grad():
         out = model(ids).logits
     assert _rel(out, ref) <= 1e-4
@@ -44,7 +44,7 @@ def test_alpha_none_is_identity():
     arch = get_arch(model.config)
     ids = torch.randint(0, 320, (2, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_smoothing(model, arch, get_act_scales(model, arch, ids), None)
+    apply_smoothing(model, arch, get_act_scales(model, arch, ids), Candidate(None))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -89,3 +89,17 @@ def test_unknown_architecture_is_named():
     cfg.architectures = ["GPT2LMHeadModel"]
     with pytest.raises(SqplusError, match="unsupported architecture GPT2LMHeadModel"):
         get_arch(cfg)
+
+
+@pytest.mark.parametrize("stat,pairs", [("mean", "all"), ("mean", "norm"), ("max", "norm")])
+def test_other_statistics_and_pair_sets_are_exact(stat, pairs):
+    model = tiny_model("qwen2")
+    arch = get_arch(model.config)
+    ids = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    down = model.model.layers[0].mlp.down_proj.weight.clone()
+    apply_smoothing(model, arch, get_act_scales(model, arch, ids, stat=stat), Candidate(0.5, stat, pairs))
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref) <= 1e-4
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, down) == (pairs == "norm")

@@ -36,6 +36,10 @@ class ArchSpec:
         return [p for p in self.pairs if p.kind in kinds and p.requires(config)]
 
 
+# named pair sets a user (or the search) chooses from
+PAIR_SETS: dict[str, tuple[str, ...]] = {"norm": ("norm",), "all": ("norm", "linear")}
+
+
 def _no_gqa(cfg) -> bool:
     return getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) == cfg.num_attention_heads
 

@@ -125,33 +125,40 @@ def _to(v, device, dtype):
     return v
 
 
+ACT_STATS = ("max", "mean")  # per-input-channel max|x| (SmoothQuant) and mean|x| (AWQ)
+
+
 @torch.no_grad()
-def collect_act_max(layer: nn.Module, arch: ArchSpec, runner: LayerwiseModel, hs: torch.Tensor,
-                    layer_name: str = "layer") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run hs through one (device) layer; return (max|x| [K] per linear input, layer output)."""
-    stats: dict[str, torch.Tensor] = {}
+def collect_act_stats(layer: nn.Module, arch: ArchSpec, runner: LayerwiseModel, hs: torch.Tensor,
+                      layer_name: str = "layer") -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """Run hs through one (device) layer; return ({"max"|"mean": {linear: [K]}}, layer output)."""
+    amax: dict[str, torch.Tensor] = {}
+    asum: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
     hooks = []
     for name in arch.linears:
         def hook(_mod, args, name=name):
-            x = args[0].detach()
-            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
+            m, t = x.amax(dim=0), x.sum(dim=0)
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+            asum[name] = t if name not in asum else asum[name] + t
+            count[name] = count.get(name, 0) + x.shape[0]
         hooks.append(get_module(layer, name).register_forward_pre_hook(hook))
     try:
         out = runner.run_layer(layer, hs)
     finally:
         for h in hooks:
             h.remove()
-    for name, m in stats.items():
+    for name, m in amax.items():
         if not torch.isfinite(m).all():
             raise SqplusError(f"{layer_name}.{name}: NaN or Inf in its input activations")
-    return stats, out
+    return {"max": amax, "mean": {k: v / count[k] for k, v in asum.items()}}, out
 
 
 @torch.no_grad()
 def get_act_scales(model: nn.Module, arch: ArchSpec, samples: torch.Tensor, device="cpu",
-                   batch_size: int = 4, progress: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Per layer, per linear: the per-input-channel max|x| over all calibration tokens."""
+                   batch_size: int = 4, stat: str = "max", progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per layer, per linear: the per-input-channel max|x| (or mean|x|) over all calibration tokens."""
     runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
     hs = runner.embed(samples)
     out = []
@@ -160,6 +167,6 @@ def get_act_scales(model: nn.Module, arch: ArchSpec, samples: torch.Tensor, devi
         from tqdm import tqdm
         it = tqdm(it, desc="calibrate", unit="layer")
     for i in it:
-        stats, hs = collect_act_max(runner.layer_on_device(i), arch, runner, hs, f"layers.{i}")
-        out.append({k: v.cpu() for k, v in stats.items()})
+        stats, hs = collect_act_stats(runner.layer_on_device(i), arch, runner, hs, f"layers.{i}")
+        out.append({k: v.cpu() for k, v in stats[stat].items()})
     return out

@@ -20,9 +20,6 @@ import torch
 from vllm_sqplus import QUANT_METHOD, __version__
 from vllm_sqplus.errors import SqplusError
 
-PAIR_SETS = {"norm": ("norm",), "all": ("norm", "linear")}
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("smooth", help="calibrate + search alpha + write a smoothed checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,8 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha-step", type=float, default=0.05, help="search grid step over [0, 1]")
     p.add_argument("--no-refine", action="store_true", help="skip the best +/- step/2 refinement")
     p.add_argument("--alpha-granularity", choices=["model", "layer"], default="model")
-    p.add_argument("--pairs", choices=sorted(PAIR_SETS), default="all",
+    p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
+    p.add_argument("--act-stat", choices=["max", "mean"], default="max",
+                   help="activation statistic in s = stat|X|^a / max|W|^(1-a): max (SmoothQuant+) or mean (AWQ)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--no-zero-point", action="store_true", help="symmetric INT4 (zero point 8)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one layer there at a time)")
@@ -69,7 +68,9 @@ def run(args) -> int:
     from vllm_sqplus.calib import load_calibration_texts, split_heldout, tokenize_samples
     from vllm_sqplus.checkpoint import (check_group_sizes, check_output_dir, load_model, read_config,
                                         save_model, write_checkpoint_atomic)
-    from vllm_sqplus.search import QuantSpec, apply_smoothing, search_alpha
+    from vllm_sqplus.arch import PAIR_SETS
+    from vllm_sqplus.search import (IDENTITY, Candidate, QuantSpec, apply_smoothing, candidate_grid,
+                                    search_alpha)
 
     t0 = time.perf_counter()
     alpha_arg = _parse_alpha(args.alpha)
@@ -98,42 +99,44 @@ def run(args) -> int:
          f"{heldout.shape[0]} x {args.seq_len} held out for the search ({args.calib})")
     store_dtype = next(model.parameters()).dtype
     q = QuantSpec(args.group_size, not args.no_zero_point, store_dtype)
-    kinds = PAIR_SETS[args.pairs]
-    grid = None if alpha_arg == "auto" else [alpha_arg]
-    from vllm_sqplus.search import alpha_grid
-    res = search_alpha(model, arch, stat_ids, heldout, q,
-                       alphas=alpha_grid(args.alpha_step) if grid is None else grid + [None],
-                       refine=grid is None and not args.no_refine, granularity=args.alpha_granularity,
-                       pair_kinds=kinds, device=args.device, batch_size=args.batch_size, progress=True)
-    chosen = res.alpha if grid is None else alpha_arg
-    if args.alpha_granularity == "layer":
-        chosen_layers = res.layer_alphas
-        apply_smoothing(model, arch, res.act_max, chosen_layers, kinds)
+    if alpha_arg == "auto":
+        cands = candidate_grid(args.alpha_step, (args.act_stat,), (args.pairs,))
     else:
-        chosen_layers = None
-        apply_smoothing(model, arch, res.act_max, chosen, kinds)
-    rtn = next(r for r in res.table if r["alpha"] is None)
-    best = next((r for r in res.table if r["alpha"] == chosen), None)
-    _log(f"search: {len(res.table)} candidates in {res.seconds:.0f}s; chosen alpha={chosen} "
-         f"(KL {best['kl'] if best else float('nan'):.5f} vs plain RTN {rtn['kl']:.5f})")
+        cands = [IDENTITY, Candidate(alpha_arg, args.act_stat, args.pairs)]
+    res = search_alpha(model, arch, stat_ids, heldout, q, cands,
+                       refine=alpha_arg == "auto" and not args.no_refine, granularity=args.alpha_granularity,
+                       device=args.device, batch_size=args.batch_size, progress=True)
+    chosen = res.best if alpha_arg == "auto" else cands[1]
+    if args.alpha_granularity == "layer":
+        apply_smoothing(model, arch, res.act_stats, res.layer_choice)
+    else:
+        apply_smoothing(model, arch, res.act_stats, chosen)
+    rows = {(r["alpha"], r["stat"], r["pairs"]): r for r in res.table}
+    rtn = rows[(None, "max", "all")]
+    best = rows[(chosen.alpha, chosen.stat, chosen.pairs)]
+    _log(f"search: {len(res.table)} candidates in {res.seconds:.0f}s; chosen {chosen.label} "
+         f"(KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
 
+    layer_alphas = [c.alpha for c in res.layer_choice] if res.layer_choice else None
     qcfg = {
         "quant_method": QUANT_METHOD, "bits": 4, "group_size": args.group_size,
-        "zero_point": not args.no_zero_point, "alpha": chosen,
-        "alpha_granularity": args.alpha_granularity,
-        **({"layer_alphas": chosen_layers} if chosen_layers else {}),
-        "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}" for p in arch.active_pairs(model.config, kinds)],
+        "zero_point": not args.no_zero_point, "alpha": chosen.alpha,
+        "act_stat": args.act_stat, "alpha_granularity": args.alpha_granularity,
+        **({"layer_alphas": layer_alphas} if layer_alphas else {}),
+        "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
+                           for p in arch.active_pairs(model.config, PAIR_SETS[args.pairs])],
         "modules_to_not_convert": ["lm_head"],
         "calibration": {"data": args.calib, "samples": int(stat_ids.shape[0]),
                         "heldout_samples": int(heldout.shape[0]), "seq_len": args.seq_len},
         "search": {"loss": "mean KL(full precision || smoothed + fake INT4) on held-out tokens",
-                   "kl": best["kl"] if best else None, "rtn_kl": rtn["kl"],
-                   "seconds": round(res.seconds, 1), "table": "sqplus_search.json"},
+                   "kl": best["kl"], "rtn_kl": rtn["kl"], "seconds": round(res.seconds, 1),
+                   "table": "sqplus_search.json"},
         "sqplus_version": __version__,
     }
     table = {"model": str(args.model_dir), "group_size": args.group_size, "zero_point": q.zero_point,
-             "pairs": args.pairs, "chosen_alpha": chosen, "fp": res.fp_row, "rows": res.table,
-             "per_layer": ({"alphas": res.layer_alphas, **res.layer_row} if res.layer_row else None),
+             "pairs": args.pairs, "act_stat": args.act_stat, "chosen_alpha": chosen.alpha,
+             "fp": res.fp_row, "rows": res.table,
+             "per_layer": ({"alphas": layer_alphas, **res.layer_row} if res.layer_row else None),
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
              "seconds": res.seconds}
 
@@ -141,7 +144,8 @@ def run(args) -> int:
         save_model(model, args.model_dir, tmp, qcfg)
         (tmp / "sqplus_search.json").write_text(json.dumps(table, indent=2) + "\n")
         from safetensors.torch import save_file
-        save_file({f"layers.{i}.{k}": v.contiguous() for i, d in enumerate(res.act_max) for k, v in d.items()},
+        save_file({f"{stat}.layers.{i}.{k}": v.contiguous() for i, per in enumerate(res.act_stats)
+                   for stat, d in per.items() for k, v in d.items()},
                   str(tmp / "sqplus_act_scales.safetensors"))
         plot_search(table, tmp / "sqplus_search.png")
 
