@@ -1,0 +1,100 @@
+"""The `smoothquant_plus` quantization config: parse and validate it (no vLLM import here).
+
+Where it comes from: config.json's "quantization_config" (written by `sqplus smooth` or
+`sqplus quantize`), or nothing at all when a user passes `--quantization smoothquant_plus` on a
+plain FP16/BF16 checkpoint (then: plain RTN INT4 with the defaults below, one warning).
+
+Keys (anything else is kept, not checked: alpha, search results, ...):
+  quant_method           "smoothquant_plus"
+  bits                   4 (the only width the kernels have)
+  group_size             32 | 64 | 128 | -1 (per-channel)               default 128
+  zero_point             true (asymmetric, AWQ-style) | false (symmetric)  default true
+  modules_to_not_convert list of name fragments left in full precision   default ["lm_head", "embed_tokens"]
+                         (embeddings are never linears: vLLM gives them no linear method)
+  kernel_backend         auto | sqplus | vllm | reference                 default auto
+                         env SQPLUS_KERNEL_BACKEND overrides the file (one run, no re-export)
+  format                 absent/"smoothed": full-precision weights, quantized while loading;
+                         "packed": pre-quantized by `sqplus quantize` (see export.py for names)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from vllm_sqplus import QUANT_METHOD
+from vllm_sqplus.errors import SqplusError
+
+GROUP_SIZES = (32, 64, 128, -1)
+KERNEL_BACKENDS = ("auto", "sqplus", "vllm", "reference")
+FORMATS = ("smoothed", "packed")
+ENV_BACKEND = "SQPLUS_KERNEL_BACKEND"
+DEFAULT_NOT_CONVERT = ("lm_head", "embed_tokens")
+
+
+@dataclass
+class SqplusConfig:
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_NOT_CONVERT))
+    kernel_backend: str = "auto"
+    format: str = "smoothed"
+    # False when the checkpoint carried no quantization_config (plain RTN, no smoothing found)
+    smoothed: bool = True
+
+    @property
+    def prequantized(self) -> bool:
+        return self.format == "packed"
+
+    def skip(self, prefix: str) -> bool:
+        """True when the layer named `prefix` stays in full precision."""
+        parts = prefix.split(".")
+        return any(m == prefix or m in parts or prefix.endswith("." + m) or prefix.startswith(m + ".")
+                   for m in self.modules_to_not_convert)
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
+                "zero_point": self.zero_point, "modules_to_not_convert": list(self.modules_to_not_convert),
+                "kernel_backend": self.kernel_backend, "format": self.format}
+
+
+def _as_bool(v, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+        return v.lower() in ("true", "1")
+    raise SqplusError(f"smoothquant_plus config: {key} must be true or false, got {v!r}")
+
+
+def parse_config(raw: dict | None, env: dict | None = None) -> SqplusConfig:
+    """Validate a quantization_config dict (None: plain checkpoint, RTN defaults) -> SqplusConfig."""
+    env = os.environ if env is None else env
+    smoothed = raw is not None
+    raw = dict(raw or {})
+    method = raw.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise SqplusError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    bits = raw.get("bits", raw.get("w_bit", 4))
+    if isinstance(bits, bool) or bits != 4:
+        raise SqplusError(f"smoothquant_plus config: bits must be 4 (W4A16), got {bits!r}")
+    g = raw.get("group_size", raw.get("q_group_size", 128))
+    if isinstance(g, bool) or not isinstance(g, int) or g not in GROUP_SIZES:
+        raise SqplusError(f"smoothquant_plus config: group_size must be one of {list(GROUP_SIZES)}, "
+                          f"got {g!r}")
+    zp = _as_bool(raw.get("zero_point", True), "zero_point")
+    skip = raw.get("modules_to_not_convert")
+    if skip is None:
+        skip = list(DEFAULT_NOT_CONVERT)
+    if not isinstance(skip, list) or not all(isinstance(s, str) and s for s in skip):
+        raise SqplusError(f"smoothquant_plus config: modules_to_not_convert must be a list of "
+                          f"names, got {skip!r}")
+    backend = env.get(ENV_BACKEND) or raw.get("kernel_backend", "auto")
+    if backend not in KERNEL_BACKENDS:
+        src = f"env {ENV_BACKEND}" if env.get(ENV_BACKEND) else "kernel_backend"
+        raise SqplusError(f"smoothquant_plus config: {src} must be one of {list(KERNEL_BACKENDS)}, "
+                          f"got {backend!r}")
+    fmt = raw.get("format", "smoothed")
+    if fmt not in FORMATS:
+        raise SqplusError(f"smoothquant_plus config: format must be one of {list(FORMATS)}, got {fmt!r}")
+    return SqplusConfig(bits=4, group_size=g, zero_point=zp, modules_to_not_convert=list(skip),
+                        kernel_backend=backend, format=fmt, smoothed=smoothed)
