@@ -38,6 +38,7 @@ import torch
 from vllm_sqplus import QUANT_METHOD
 from vllm_sqplus.config import SqplusConfig, parse_config
 from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.export import unpack_nibbles
 from vllm_sqplus.quant import dequantize_int4, quantize_int4  # noqa: F401 (dequantize: docs/tests)
 
 from vllm.logger import init_logger
@@ -118,12 +119,6 @@ class SmoothQuantPlusConfig(QuantizationConfig):
         if self.cfg.skip(prefix):
             return UnquantizedLinearMethod()
         return SqplusLinearMethod(self.cfg, prefix)
-
-
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] (low nibble = even k) -> uint8 codes [N, K]."""
-    lo, hi = packed & 0x0F, packed >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
 
 
 def _noop_loader(*args, **kwargs):  # parameters we build after loading take no checkpoint data
@@ -216,7 +211,7 @@ class SqplusLinearMethod(LinearMethodBase):
             return
         g = layer.sqplus_group
         if self.cfg.prequantized:
-            q = _unpack_nibbles(layer.qweight.data)
+            q = unpack_nibbles(layer.qweight.data)
             scales, zeros = layer.scales.data, layer.zeros.data
             for name in ("qweight", "scales", "zeros"):
                 delattr(layer, name)

