@@ -22,9 +22,9 @@ inline void group_avx512(const TileProblem& p, int64_t gi, int64_t k0, int64_t l
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN;
   const float* x = p.xs + m0 * p.K8 + k0;
   for (int64_t c = 0; c < len / kChunkK; ++c, q += kTileN, x += kChunkK) {
-    // why: a tile row is 4 lines; prefetch all four 8 rows (2 KiB) ahead
+    // why: a tile row is 4 lines; prefetch all four 32 rows (8 KiB) ahead (see w4a16_avx2.cpp)
     for (int l = 0; l < 4; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * kTileN + l * 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + 32 * kTileN + l * 16), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m512 xb[MR];

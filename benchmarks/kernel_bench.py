@@ -1,0 +1,326 @@
+"""W4A16 GEMM benchmark: our sqplus kernel against its peers on the same shapes, one table per run.
+
+  .venv/bin/python benchmarks/kernel_bench.py                      # CPU, all shapes, all M
+  .venv/bin/python benchmarks/kernel_bench.py --m 1,16 --shapes 4096x4096
+  python benchmarks/kernel_bench.py --device cuda                  # on a GPU machine
+
+Shapes are N x K of a linear's weight (out x in): Llama-7B (4096x4096 q/k/v/o, 11008x4096 gate/up,
+4096x11008 down) and Qwen2.5-0.5B (896x896 q/o, 1152x896 fused qkv, 4864x896 gate/up, 896x4864
+down). Weights: random, INT4 asymmetric, group 128 (vllm_sqplus.quant.quantize_int4).
+
+Peers (each checked against x @ dequant(w).T before it is timed, so every column computes the same
+function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
+aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 where the build has it.
+CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16).
+
+Timing: median of many single calls in one process, the methods interleaved call by call. Weights are "cold" by default: each call reads
+the next of several copies, enough that they exceed 3x the last-level cache (32 MiB L3 here; 50 MiB
+L2 on H100), so GB/s means memory, not cache (--warm: one copy). GB/s = weight bytes the method
+reads (codes + scales + zeros) / time; %BW compares it with this machine's read bandwidth, measured
+here as the median time of a large-array sum. Ratios > 1 mean ours is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vllm_sqplus.kernels import available_backends, ops, pack_weights, w4a16_matmul
+from vllm_sqplus.quant import dequantize_int4, quantize_int4
+
+SHAPES = {"llama7b.qkvo": (4096, 4096), "llama7b.gate_up": (11008, 4096),
+          "llama7b.down": (4096, 11008), "qwen0.5b.qo": (896, 896), "qwen0.5b.qkv": (1152, 896),
+          "qwen0.5b.gate_up": (4864, 896), "qwen0.5b.down": (896, 4864)}
+MS = (1, 2, 4, 8, 16, 32, 64, 256)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ------------------------------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                fl = line.split(":", 1)[1].split()
+                return [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
+                        if f in fl]
+    except OSError:
+        pass
+    return []
+
+
+def _llc_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
+    try:  # largest cache level of cpu0
+        sizes = []
+        base = "/sys/devices/system/cpu/cpu0/cache"
+        for idx in os.listdir(base):
+            s = open(os.path.join(base, idx, "size")).read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+            sizes.append(int(s.rstrip("KMG")) * mult)
+        return max(sizes)
+    except OSError:
+        return 32 << 20
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_call(fn, device: str) -> float:
+    if device == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
+                  max_rounds: int = 2000) -> dict:
+    """Median seconds of single calls of each fn, interleaved round-robin (one call of each per
+    round) so that load from other users of a shared machine hits every method alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    _sync(device)
+    times: dict = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds
+                                   or time.perf_counter() - start < min_time * len(fns)):
+        for k, fn in fns.items():
+            times[k].append(_time_call(fn, device))
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15) -> float:
+    """Memory read bandwidth in GB/s: the better median of two simple streaming reads of a `gib`
+    GiB float32 array, a sum and (CPU) a matrix-vector product (torch's sum alone reads slower
+    than BLAS gemv on some CPUs)."""
+    n = int(gib * (1 << 30)) // 4
+    a = torch.ones(n, dtype=torch.float32, device=device)
+    fns = {"sum": lambda: a.sum()}
+    if device == "cpu":
+        w, v = a.view(16384, -1), torch.ones(n // 16384)
+        fns["mv"] = lambda: torch.mv(w, v)
+    t = min(timed_medians(fns, device, 0.0, iters, iters).values())
+    del a
+    return n * 4 / t / 1e9
+
+
+# ------------------------------------------------------------------------------------ methods
+class Rotor:
+    """Calls fn(copy) on copies of its weights in turn, so each call reads weights not in cache."""
+
+    def __init__(self, make, nbytes: int, llc: int, warm: bool):
+        self.n = 1 if warm else max(1, min(32, math.ceil(3 * llc / max(nbytes, 1))))
+        self.copies = [make() for _ in range(self.n)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % self.n
+        return self.copies[self.i]
+
+
+def _nbytes(d: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in d.values())
+
+
+def build_methods(q, s, z, g, device, act_dtype, llc, warm):
+    """{name: (fn(x) -> y, weight bytes, act dtype)} for ours and each peer that runs here.
+    Also returns {name: reason} for peers that are absent."""
+    n, k = q.shape
+    methods, absent = {}, {}
+    w32 = dequantize_int4(q, s, z, g, torch.float32)
+
+    if "sqplus" in available_backends(device):
+        probe = pack_weights(q, s, z, g, "sqplus")
+        rot = Rotor(lambda: {k_: v.clone() for k_, v in probe.items()}, _nbytes(probe), llc, warm)
+        methods["sqplus"] = (lambda x: w4a16_matmul(x, rot.next(), g, "sqplus"), _nbytes(probe),
+                             act_dtype)
+    else:
+        absent["sqplus"] = f"no compiled kernel for {device} ({ops.LOAD_ERROR or 'not built'})"
+
+    peer_dtypes = ([torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16])
+    for dt in peer_dtypes:
+        wd = w32.to(dt)
+        rot_l = Rotor(lambda wd=wd: wd.clone(), wd.numel() * wd.element_size(), llc, warm)
+        name = {torch.float32: "torch_f32", torch.bfloat16: "torch_bf16", torch.float16: "torch_f16"}[dt]
+        methods[name] = (lambda x, r=rot_l: F.linear(x, r.next()), wd.numel() * wd.element_size(), dt)
+
+    # torch's own INT4 GEMM. Its dequantization is (q - 8) * scale + zero, with scales_and_zeros
+    # [K/g, N, 2] = (scale, zero); ours is (q - z) * s = (q - 8) * s + (8 - z) * s, so zero = (8-z)*s.
+    sz32 = torch.stack([s.float().T, ((8 - z.float()) * s.float()).T], dim=-1).contiguous()
+    try:
+        if device == "cpu":
+            wp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)  # [N, K/2] uint8
+            t_dt = act_dtype
+            sz = sz32.to(t_dt)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        else:
+            packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).contiguous()  # [N, K/2]: even k high nibble
+            wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+            t_dt = torch.bfloat16  # torch's CUDA int4 mm takes bfloat16 activations
+            sz = sz32.to(t_dt)
+            mm = torch.ops.aten._weight_int4pack_mm
+        xv = torch.randn(3, k, device=device).to(t_dt)
+        err = ((mm(xv, wp, g, sz).float() - xv.float() @ w32.T).abs().max()
+               / (xv.float() @ w32.T).abs().max()).item()
+        if err > 2e-2:
+            raise RuntimeError(f"does not compute the same function (rel. error {err:.3g})")
+        nb = wp.numel() * wp.element_size() + sz.numel() * sz.element_size()
+        rot_t = Rotor(lambda: (wp.clone(), sz.clone()), nb, llc, warm)
+
+        def torch_int4(x, r=rot_t, mm=mm):
+            w_, sz_ = r.next()
+            return mm(x, w_, g, sz_)
+        methods["torch_int4"] = (torch_int4, nb, t_dt)
+    except (RuntimeError, AttributeError) as e:
+        absent["torch_int4"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+    if device == "cpu":
+        try:
+            import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.*)
+            present = hasattr(torch.ops._C, "cpu_gemm_wna16")
+        except Exception:
+            present = False
+        absent["vllm_wna16"] = ("present in this vLLM build but not wired into this benchmark"
+                                if present else "absent (this vLLM build has no cpu_gemm_wna16)")
+    return methods, absent, w32
+
+
+def check_ours(fn, w32, k, device, act_dtype):
+    x = torch.randn(5, k, device=device).to(act_dtype)
+    ref = x.float() @ w32.T
+    err = ((fn(x).float() - ref).abs().max() / ref.abs().max()).item()
+    if err > 1e-2:
+        raise SystemExit(f"sqplus kernel disagrees with the reference (rel. error {err:.3g})")
+    return err
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--m", default=",".join(map(str, MS)), help="comma list of M (tokens)")
+    ap.add_argument("--shapes", default="all",
+                    help="comma list of NxK or names (" + ", ".join(SHAPES) + ")")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="activation dtype of ours and torch_int4 (default: bfloat16 CPU, float16 CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
+    ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<dev>.json)")
+    args = ap.parse_args(argv)
+
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    act = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev == "cpu" else torch.float16)
+    ms = [int(m) for m in args.m.split(",")]
+    shapes = []
+    for s_ in ([*SHAPES] if args.shapes == "all" else args.shapes.split(",")):
+        if s_ in SHAPES:
+            shapes.append((s_, *SHAPES[s_]))
+        else:
+            n_, k_ = map(int, s_.lower().split("x"))
+            shapes.append((s_, n_, k_))
+    llc = _llc_bytes(dev)
+    load0 = os.getloadavg()
+
+    bw = read_bandwidth(dev)
+    machine = (torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_model())
+    print(f"# {machine}; {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+          f"flags {_cpu_flags()}; torch {torch.__version__}; load avg {load0[0]:.2f}")
+    print(f"# memory read bandwidth (1 GiB sum or gemv, median): {bw:.1f} GB/s; last-level cache "
+          f"{llc >> 20} MiB; weights {'warm' if args.warm else 'cold (rotated copies)'}; "
+          f"group {args.group_size}; activations {str(act).replace('torch.', '')}")
+
+    rows, absent_all = [], {}
+    hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
+           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>8}")
+    peers_cols = ["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"]
+    if dev == "cuda":
+        hdr = hdr.replace("vs f32", "vs f16").replace(" vs bf16", "        ")
+    print(hdr)
+    for name, n, k in shapes:
+        torch.manual_seed(0)
+        q, s, z = quantize_int4(torch.randn(n, k) * 0.02, args.group_size)
+        q, s, z = q.to(dev), s.to(dev), z.to(dev)
+        methods, absent, w32 = build_methods(q, s, z, args.group_size, dev, act, llc, args.warm)
+        absent_all.update(absent)
+        err = check_ours(methods["sqplus"][0], w32, k, dev, act) if "sqplus" in methods else None
+        for m in ms:
+            row = {"shape": name, "N": n, "K": k, "M": m, "group_size": args.group_size,
+                   "ours_rel_err": err, "methods": {}}
+            xs = {meth: torch.randn(m, k, device=dev).to(dt) for meth, (_, _, dt) in methods.items()}
+            fns = {meth: (lambda f=fn, x=xs[meth]: f(x)) for meth, (fn, _, _) in methods.items()}
+            for meth, t in timed_medians(fns, dev, args.min_time).items():
+                nbytes, dt = methods[meth][1], methods[meth][2]
+                row["methods"][meth] = {"us": t * 1e6, "GBps": nbytes / t / 1e9, "weight_bytes": nbytes,
+                                        "TFLOPs": 2 * m * n * k / t / 1e12, "act_dtype": str(dt)}
+            r = row["methods"]
+            ours = r.get("sqplus")
+
+            def ratio(p):
+                return (r[p]["us"] / ours["us"]) if ours and p in r else None
+            row["speedup_vs"] = {p: ratio(p) for p in peers_cols}
+            row["pct_bw"] = 100 * ours["GBps"] / bw if ours else None
+            rows.append(row)
+            fmt = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
+            cols = " ".join(fmt(row["speedup_vs"][p]) for p in peers_cols)
+            if dev == "cuda":
+                cols += " " * 8
+            us = f"{ours['us']:9.1f} {ours['GBps']:6.1f} {row['pct_bw']:5.1f}" if ours else f"{'absent':>22}"
+            print(f"{name:>18} {f'{n}x{k}':>11} {m:>4} {us} {cols} {'absent':>8}", flush=True)
+    for k_, v in absent_all.items():
+        print(f"# {k_}: {v}")
+
+    load1 = os.getloadavg()
+    record = {"machine": {"device": dev, "name": machine, "cpus": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "cpu_flags": _cpu_flags(),
+                          "llc_bytes": llc, "torch": torch.__version__, "python": sys.version.split()[0],
+                          "loadavg_start": load0, "loadavg_end": load1},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
+              "read_bandwidth_GBps": bw, "warm": args.warm, "activation_dtype": str(act),
+              "absent": absent_all, "rows": rows}
+    out = args.out or os.path.join(RESULTS, f"kernels_{dev}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"# wrote {out}; load avg at end {load1[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
