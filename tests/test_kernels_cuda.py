@@ -127,6 +127,16 @@ def test_leading_dims_and_api():
 
 
 def test_bad_shapes_raise():
-    q, s, z = _quantized(96, 256, 128, True, torch.float16, 1)  # N = 96 is not a multiple of 64
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        torch.ops.sqplus.w4a16_pack(q, s, z, 128)
+    """N = 96 is not a multiple of 64: a clear error, not a crash (checked in a child process, so a
+    crash is reported as a failure instead of killing the test session)."""
+    import subprocess
+    import sys
+    code = ("import torch, vllm_sqplus._C\n"
+            "q = torch.zeros(96, 256, dtype=torch.uint8, device='cuda')\n"
+            "s = torch.ones(96, 2, dtype=torch.float16, device='cuda')\n"
+            "z = torch.full((96, 2), 8, dtype=torch.uint8, device='cuda')\n"
+            "try:\n    torch.ops.sqplus.w4a16_pack(q, s, z, 128)\n"
+            "except RuntimeError as e:\n    print('RAISED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"crashed (exit {r.returncode}): {r.stderr[-2000:]}"
+    assert "RAISED" in r.stdout and "multiple of 64" in r.stdout, r.stdout + r.stderr

@@ -45,10 +45,15 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <mutex>
 #include <vector>
 
 namespace sqplus_cuda {
+
+// Error messages format integers with std::to_string, never through TORCH_CHECK's ostream: on the
+// H100 image, `ostream << long` inside this extension crashed (a libstdc++ locale facet mismatch
+// between the extension's build and the process), turning a clear error into a segfault.
 
 constexpr int kStrip = 64;     // output columns per super-tile
 constexpr int kKStep = 16;     // k per super-tile
@@ -127,15 +132,28 @@ __device__ __forceinline__ uint32_t splat(T v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stream kernel: M rows in blocks of 16*MT, split-K over gridDim.y, strips over gridDim.x.
-template <typename T, int MT, int UNROLL>
-__global__ void __launch_bounds__(kWarps * 32)
+// Stream kernel. Grid = (N/64 strips, split-K, M blocks of 16*MT rows); 4 warps per block.
+// Each warp owns nb batches of 8 consecutive k-steps (8-aligned) of one strip, and issues all 8
+// weight loads of a batch (4 KB per warp) plus the batch's scales/zeros (at most 4 groups, since
+// group % 32 == 0) before using any of them: one DRAM round trip per batch. Decode is latency-bound
+// otherwise (a first version that walked k-steps 4 at a time and fetched scales on first use
+// reached 11 us for 4096x4096 at M=1: ~4 dependent DRAM latencies per warp).
+// The block's slice of x (16*MT rows x 512*nb k) is staged in shared memory (rows >= M zero).
+constexpr int kBatch = 8;  // k-steps per batch
+constexpr int kXPad = 16;  // row pad (elements): row stride = 32 mod 128 bytes, no extra conflicts
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128 regs, 16 warps/SM
     w4a16_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
                         const T* __restrict__ scales, const uint8_t* __restrict__ zeros,
                         const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-                        int* __restrict__ counters, int M, int N, int K, int kpg, int ks_per_split) {
+                        int* __restrict__ counters, int M, int N, int K, int kpg, int nb) {
   constexpr int ROWS = 16 * MT;
-  __shared__ float red[ROWS][kStrip + 4];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int kchunk = kWarps * nb * kBatch * kKStep;  // k values of x per block
+  const int xstride = kchunk + kXPad;
+  T* xs = reinterpret_cast<T*>(smem_raw);                                       // [ROWS][xstride]
+  float* red = reinterpret_cast<float*>(smem_raw + (size_t)ROWS * xstride * sizeof(T));  // [ROWS][68]
   __shared__ int is_last;
 
   const int strip = blockIdx.x, split = blockIdx.y, mblock = blockIdx.z;
@@ -143,14 +161,42 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int g = lane >> 2, t = lane & 3;
   const int KS = K / kKStep;
   const int m0 = mblock * ROWS;
+  const int kb = split * kWarps * nb * kBatch;  // first k-step of the block
+  const int wks = kb + warp * nb * kBatch;      // first k-step of this warp
+  const uint4* qp = qw + (size_t)strip * KS * 32 + lane;
+  const int col_p = strip * kStrip + 8 * g;  // permuted position of this lane's 8 columns
 
-  for (int i = threadIdx.x; i < ROWS * (kStrip + 4); i += blockDim.x) (&red[0][0])[i] = 0.f;
+  uint4 bw[kBatch];
+  uint4 sv[4];
+  uint2 zv[4];
+  auto issue = [&](int bks) {  // weights, scales, zeros of the batch starting at k-step bks
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (bks + u < KS) bw[u] = ld_stream(qp + (size_t)(bks + u) * 32);
+    const int g0 = bks / kpg;
+    const int last = min(bks + kBatch, KS) - 1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (bks < KS && (g0 + i) * kpg <= last) {
+        sv[i] = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)(g0 + i) * N + col_p));
+        zv[i] = __ldg(reinterpret_cast<const uint2*>(zeros + (size_t)(g0 + i) * N + col_p));
+      }
+  };
+  issue(wks);
 
-  const int kb = split * ks_per_split;
-  const int ke = min(KS, kb + ks_per_split);
-  const int per_warp = (ke - kb + kWarps - 1) / kWarps;
-  const int wb = kb + warp * per_warp;
-  const int we = min(ke, wb + per_warp);
+  // Stage x: 16-byte copies; rows past M and k past K are zero.
+  {
+    const int vec_per_row = kchunk / 8;
+    for (int i = threadIdx.x; i < ROWS * vec_per_row; i += blockDim.x) {
+      const int r = i / vec_per_row, c = (i % vec_per_row) * 8;
+      const int m = m0 + r, k = kb * kKStep + c;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (m < M && k < K) v = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k));
+      *reinterpret_cast<uint4*>(xs + (size_t)r * xstride + c) = v;
+    }
+    for (int i = threadIdx.x; i < ROWS * (kStrip + 4); i += blockDim.x) red[i] = 0.f;
+  }
+  __syncthreads();
 
   float acc[MT][8][4];
 #pragma unroll
@@ -160,56 +206,39 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[mt][j][r] = 0.f;
 
-  // Activation row pointers (this lane's rows g and g+8 of each m-tile), or null past M.
-  const T* xrow[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int m = m0 + mt * 16 + g + 8 * h;
-      xrow[mt][h] = m < M ? x + (size_t)m * K + 4 * t : nullptr;
-    }
-
-  const uint4* qp = qw + (size_t)strip * KS * 32 + lane;
-  const int col_p = strip * kStrip + 8 * g;  // permuted position of this lane's 8 columns
   uint32_t s2[8], z2[8];
-  int cur_grp = -1;
-
-  for (int ks0 = wb; ks0 < we; ks0 += UNROLL) {
-    uint4 bw[UNROLL];
-    uint2 av[UNROLL][MT][2];
+  for (int b = 0; b < nb; ++b) {
+    const int bks = wks + b * kBatch;
+    if (bks >= KS) break;
+    if (b > 0) issue(bks);
+    const int g0 = bks / kpg;
+    int cur = -1;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int ks = ks0 + u;
-      if (ks < we) {
-        bw[u] = ld_stream(qp + (size_t)ks * 32);
+    for (int u = 0; u < kBatch; ++u) {
+      const int ks = bks + u;
+      if (ks < KS) {
+        const int slot = ks / kpg - g0;
+        if (slot != cur) {  // uniform branch: the group changed (g=32: every 2 steps)
+          cur = slot;
+          // select without run-time indexing (keeps sv/zv in registers)
+          const uint4 s4 = slot == 0 ? sv[0] : slot == 1 ? sv[1] : slot == 2 ? sv[2] : sv[3];
+          const uint2 zz = slot == 0 ? zv[0] : slot == 1 ? zv[1] : slot == 2 ? zv[2] : zv[3];
+          const uint32_t sw[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            s2[j] = ((sw[j >> 1] >> (16 * (j & 1))) & 0xffffu) * 0x10001u;
+            const uint32_t zb = ((j < 4 ? zz.x : zz.y) >> (8 * (j & 3))) & 0xffu;
+            z2[j] = (Traits<T>::kMagic | zb) * 0x10001u;
+          }
+        }
+        // A fragments from shared memory: rows g, g+8 of each m-tile, k = 4t..4t+3 of this step
+        uint2 av[MT][2];
+        const int kc = (ks - kb) * kKStep + 4 * t;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
-            av[u][mt][h] = xrow[mt][h]
-                               ? __ldg(reinterpret_cast<const uint2*>(xrow[mt][h] + ks * kKStep))
-                               : make_uint2(0u, 0u);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int ks = ks0 + u;
-      if (ks < we) {
-        const int grp = ks / kpg;
-        if (grp != cur_grp) {
-          cur_grp = grp;
-          const uint4 sv = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + col_p));
-          const uint2 zv = __ldg(reinterpret_cast<const uint2*>(zeros + (size_t)grp * N + col_p));
-          const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            uint32_t h = (sw[j >> 1] >> (16 * (j & 1))) & 0xffffu;
-            s2[j] = h * 0x10001u;
-            uint32_t zb = ((j < 4 ? zv.x : zv.y) >> (8 * (j & 3))) & 0xffu;
-            z2[j] = (Traits<T>::kMagic | zb) * 0x10001u;
-          }
-        }
+            av[mt][h] = *reinterpret_cast<const uint2*>(xs + (size_t)(mt * 16 + g + 8 * h) * xstride + kc);
         const uint32_t words[4] = {bw[u].x, bw[u].y, bw[u].z, bw[u].w};
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
@@ -219,8 +248,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           const uint32_t b11 = dq2<T>(words[w], 12, z2[2 * w + 1], s2[2 * w + 1]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t a[4] = {av[u][mt][0].x, av[u][mt][1].x, av[u][mt][0].y,
-                                   av[u][mt][1].y};
+            const uint32_t a[4] = {av[mt][0].x, av[mt][1].x, av[mt][0].y, av[mt][1].y};
             mma16816<T>(acc[mt][2 * w], a, b00, b01);
             mma16816<T>(acc[mt][2 * w + 1], a, b10, b11);
           }
@@ -229,7 +257,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  __syncthreads();  // red zeroed
   // C fragment: c0,c1 = (row g, cols 2t, 2t+1), c2,c3 = (row g+8, same cols) of n-tile j.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -238,7 +265,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = mt * 16 + g + 8 * (r >> 1);
-        if (m0 + row < M) atomicAdd(&red[row][8 * j + 2 * t + (r & 1)], acc[mt][j][r]);
+        if (m0 + row < M) atomicAdd(&red[row * (kStrip + 4) + 8 * j + 2 * t + (r & 1)], acc[mt][j][r]);
       }
   __syncthreads();
 
@@ -247,7 +274,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (nsplit == 1) {
     for (int i = threadIdx.x; i < rows * kStrip; i += blockDim.x) {
       const int row = i / kStrip, c = i % kStrip, n = strip * kStrip + c;
-      float v = red[row][c];
+      float v = red[row * (kStrip + 4) + c];
       if (bias) v += (float)bias[n];
       out[(size_t)(m0 + row) * N + n] = (T)v;
     }
@@ -255,7 +282,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   for (int i = threadIdx.x; i < rows * kStrip; i += blockDim.x) {
     const int row = i / kStrip, c = i % kStrip, n = strip * kStrip + c;
-    partial[((size_t)split * M + m0 + row) * N + n] = red[row][c];
+    partial[((size_t)split * M + m0 + row) * N + n] = red[row * (kStrip + 4) + c];
   }
   __threadfence();
   __syncthreads();
@@ -380,9 +407,10 @@ static int grid_for(long work, int threads) {
 }
 
 static void check_group(int64_t K, int64_t group_size) {
-  TORCH_CHECK(group_size > 0 && group_size % kKStep == 0 && K % group_size == 0,
-              "sqplus w4a16 (CUDA): group size ", group_size, " must be a multiple of 16 dividing K=",
-              K, " (use -1 for one group per row)");
+  // % 32: a batch of 8 k-steps then spans at most 4 groups (the stream kernel's scale slots)
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              "sqplus w4a16 (CUDA): group size ", std::to_string(group_size), " must be a multiple of 32 dividing K=",
+              std::to_string(K), " (use -1 for one group per row)");
 }
 
 std::vector<at::Tensor> w4a16_pack_cuda(const at::Tensor& q, const at::Tensor& scales,
@@ -392,12 +420,12 @@ std::vector<at::Tensor> w4a16_pack_cuda(const at::Tensor& q, const at::Tensor& s
   const int64_t N = q.size(0), K = q.size(1);
   if (group_size == -1) group_size = K;
   check_group(K, group_size);
-  TORCH_CHECK(N % kStrip == 0, "sqplus w4a16_pack (CUDA): N=", N, " must be a multiple of 64");
+  TORCH_CHECK(N % kStrip == 0, "sqplus w4a16_pack (CUDA): N=", std::to_string(N), " must be a multiple of 64");
   const int64_t G = K / group_size;
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
-              "sqplus w4a16_pack (CUDA): scales must be [N, K/g] = [", N, ", ", G, "]");
+              "sqplus w4a16_pack (CUDA): scales must be [N, K/g] = [", std::to_string(N), ", ", std::to_string(G), "]");
   TORCH_CHECK(zeros.dim() == 2 && zeros.size(0) == N && zeros.size(1) == G,
-              "sqplus w4a16_pack (CUDA): zeros must be [N, K/g] = [", N, ", ", G, "]");
+              "sqplus w4a16_pack (CUDA): zeros must be [N, K/g] = [", std::to_string(N), ", ", std::to_string(G), "]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16 ||
                   scales.scalar_type() == at::kFloat,
               "sqplus w4a16_pack (CUDA): scales must be float16, bfloat16 or float32");
@@ -445,15 +473,22 @@ template <typename T, int MT>
 static void launch_stream(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& s,
                           const at::Tensor& z, const c10::optional<at::Tensor>& bias,
                           at::Tensor& out, int64_t M, int64_t N, int64_t K, int64_t group) {
-  constexpr int UNROLL = MT == 1 ? 4 : 2;
   const int strips = N / kStrip, KS = K / kKStep;
   const int mblocks = (M + 16 * MT - 1) / (16 * MT);
-  // Enough blocks to keep ~24 warps per SM streaming, but at least 4 k-steps per warp.
-  const int target = num_sms(x.get_device()) * 6;
-  int splits = std::max(1, target / (strips * mblocks));
-  splits = std::min(splits, std::max(1, KS / (4 * kWarps)));
-  const int ks_per_split = (KS + splits - 1) / splits;
-  splits = (KS + ks_per_split - 1) / ks_per_split;
+  const int batches = (KS + kBatch - 1) / kBatch;  // per strip
+  // One batch per warp unless that makes more than ~4 waves of 16 warps per SM (then 2, halving
+  // split-K partial traffic); shared memory for x caps nb at 2/MT. SQPLUS_CUDA_NB overrides.
+  static const int nb_env = [] {
+    const char* e = std::getenv("SQPLUS_CUDA_NB");
+    return e ? std::atoi(e) : 0;
+  }();
+  int nb = (long)strips * mblocks * batches > 4L * num_sms(x.get_device()) * 16 ? 2 : 1;
+  if (nb_env > 0) nb = nb_env;
+  nb = std::max(1, std::min(nb, 2 / MT));
+  const int splits = (batches + kWarps * nb - 1) / (kWarps * nb);
+  const int kchunk = kWarps * nb * kBatch * kKStep;
+  const size_t smem = (size_t)16 * MT * (kchunk + kXPad) * sizeof(T) + 16 * MT * (kStrip + 4) * 4;
+  TORCH_CHECK(smem <= 48 * 1024, "sqplus w4a16_gemm (CUDA): internal: shared memory ", std::to_string(smem));
   at::Tensor partial;
   int* counters = nullptr;
   if (splits > 1) {
@@ -462,12 +497,12 @@ static void launch_stream(const at::Tensor& x, const at::Tensor& qw, const at::T
   }
   dim3 grid(strips, splits, mblocks);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  w4a16_stream_kernel<T, MT, UNROLL><<<grid, kWarps * 32, 0, stream>>>(
+  w4a16_stream_kernel<T, MT><<<grid, kWarps * 32, smem, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
       reinterpret_cast<const T*>(s.data_ptr()), z.data_ptr<uint8_t>(),
       bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
       reinterpret_cast<T*>(out.data_ptr()), splits > 1 ? partial.data_ptr<float>() : nullptr,
-      counters, (int)M, (int)N, (int)K, (int)(group / kKStep), ks_per_split);
+      counters, (int)M, (int)N, (int)K, (int)(group / kKStep), nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -488,7 +523,7 @@ static at::Tensor dequant(const at::Tensor& qw, const at::Tensor& s, const at::T
 static int64_t dequant_threshold() {
   static int64_t v = [] {
     const char* e = std::getenv("SQPLUS_CUDA_DEQUANT_M");
-    return e ? std::atoll(e) : (int64_t)128;
+    return e ? std::atoll(e) : (int64_t)33;
   }();
   return v;
 }
@@ -505,7 +540,8 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 128 && qweight.scalar_type() == at::kInt,
               "sqplus w4a16_gemm (CUDA): qweight is not in the CUDA packed layout (w4a16_pack)");
   const int64_t N = qweight.size(0) * kStrip, K = qweight.size(1) * kKStep;
-  TORCH_CHECK(x.size(-1) == K, "sqplus w4a16_gemm (CUDA): x has K=", x.size(-1), ", weights ", K);
+  TORCH_CHECK(x.size(-1) == K, "sqplus w4a16_gemm (CUDA): x has K=", std::to_string(x.size(-1)), ", weights ",
+              std::to_string(K));
   if (group_size == -1) group_size = K;
   check_group(K, group_size);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == K / group_size && scales.size(1) == N,
@@ -520,7 +556,8 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor z = zeros.contiguous();
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "sqplus w4a16_gemm (CUDA): bias must have N=", N, " elements");
+    TORCH_CHECK(bias->numel() == N, "sqplus w4a16_gemm (CUDA): bias must have N=", std::to_string(N),
+                " elements");
     b = bias->to(x.scalar_type()).contiguous();
   }
   auto out_shape = x.sizes().vec();
@@ -550,10 +587,8 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
     using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
     if (M <= 16)
       launch_stream<T, 1>(x2, qweight, s, z, b, out, M, N, K, group_size);
-    else if (M <= 32)
+    else  // M > 32 here only when path 1 is forced (tests, benchmarks): 32-row blocks
       launch_stream<T, 2>(x2, qweight, s, z, b, out, M, N, K, group_size);
-    else
-      launch_stream<T, 4>(x2, qweight, s, z, b, out, M, N, K, group_size);
   });
   return out.view(out_shape);
 }
