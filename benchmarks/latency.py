@@ -1,0 +1,97 @@
+"""Batch-1 latency: time to first token (TTFT) and per-token decode latency, BF16 vs smoothquant_plus vs
+vLLM's own W4A16 kernel, each engine in its own subprocess (engine list and machinery: throughput.py).
+
+Per iteration, a fresh random prompt (so prefix caching cannot serve it): generate 1 token -> TTFT;
+then generate OUTPUT_LEN tokens with ignore_eos -> total. Per-token latency = (total - TTFT) / (OUTPUT_LEN - 1).
+Medians over --iters iterations after one warm-up (timings on a shared machine are noisy).
+
+usage: python benchmarks/latency.py --model DIR [--engines bf16,sqplus,vllm-w4a16] [--input-len 128]
+           [--output-len 64] [--iters 5] [--tag NAME]
+Writes benchmarks/results/latency[_TAG].json and .png; prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from throughput import ENGINES, machine, make_llm, random_prompts, run_engine, save, table, worker_main
+
+
+def run_latency(spec: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    li, lo, iters = spec["input_len"], spec["output_len"], spec["iters"]
+    t0 = time.perf_counter()
+    llm = make_llm(spec, li + lo + 8)
+    load_s = time.perf_counter() - t0
+    vocab = llm.get_tokenizer().vocab_size
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in random_prompts(2 * iters + 2, li, vocab, seed=1)]
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0.0, max_tokens=lo, ignore_eos=True)
+    llm.generate([prompts[-1]], full, use_tqdm=False)  # warm-up
+    ttft, total = [], []
+    for i in range(iters):
+        t = time.perf_counter()
+        llm.generate([prompts[2 * i]], one, use_tqdm=False)
+        ttft.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = llm.generate([prompts[2 * i + 1]], full, use_tqdm=False)
+        total.append(time.perf_counter() - t)
+        assert len(out[0].outputs[0].token_ids) == lo
+    med_ttft, med_total = statistics.median(ttft), statistics.median(total)
+    tpot = (med_total - med_ttft) / (lo - 1)
+    return {"load_s": round(load_s, 2), "ttft_ms": med_ttft * 1e3, "tpot_ms": tpot * 1e3,
+            "decode_tok_per_s": 1.0 / tpot, "total_ms": med_total * 1e3,
+            "ttft_ms_all": [round(x * 1e3, 2) for x in ttft], "total_ms_all": [round(x * 1e3, 2) for x in total]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model")
+    ap.add_argument("--engines", default="bf16,sqplus,vllm-w4a16")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the quantized engines")
+    ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if not args.model:
+        ap.error("--model is required")
+    if args.output_len < 2:
+        ap.error("--output-len must be at least 2")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)}")
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model  # workers run elsewhere
+    common = {"model": model, "input_len": args.input_len, "output_len": args.output_len,
+              "iters": args.iters, "dtype": args.dtype, "kv_cache_bytes": args.kv_cache_bytes}
+    rows = []
+    for e in engines:
+        print(f"[latency] {e} ...", file=sys.stderr, flush=True)
+        rows.append(run_engine(__file__, "run_latency", e, common, args.timeout))
+        print(f"[latency] {e}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    cols = [("tpot_ms", "ms/token", ".1f"), ("decode_tok_per_s", "tok/s", ".1f"), ("ttft_ms", "TTFT ms", ".1f"),
+            ("load_s", "load s", ".1f")]
+    print(f"latency (batch 1): in {args.input_len}, out {args.output_len}, median of {args.iters}, {args.model}")
+    print(table(rows, cols, "decode_tok_per_s"))
+    name = "latency" + (f"_{args.tag}" if args.tag else "")
+    payload = {"benchmark": "latency", "machine": machine(), "command": "python " + " ".join(sys.argv),
+               "config": common, "results": rows}
+    j, p = save(name, payload, rows, "tpot_ms", "ms per output token (batch 1)",
+                f"batch-1 decode latency, in {args.input_len}, out {args.output_len}")
+    print(f"wrote {j} and {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

