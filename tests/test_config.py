@@ -1,0 +1,96 @@
+"""smoothquant_plus config parsing and the pre-quantized export (no vLLM needed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vllm_sqplus.config import ENV_BACKEND, parse_config
+from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.export import pack_nibbles, quantize_checkpoint, unpack_nibbles
+from vllm_sqplus.quant import quantize_int4
+
+QM = {"quant_method": "smoothquant_plus"}
+
+
+def test_defaults_for_a_plain_checkpoint():
+    c = parse_config(None, env={})
+    assert (c.bits, c.group_size, c.zero_point, c.kernel_backend, c.format) == (4, 128, True, "auto", "smoothed")
+    assert not c.smoothed and not c.prequantized
+    assert c.modules_to_not_convert == ["lm_head", "embed_tokens"]
+
+
+def test_smoothed_config_is_read():
+    c = parse_config({**QM, "bits": 4, "group_size": 64, "zero_point": False, "alpha": 0.7,
+                      "modules_to_not_convert": ["lm_head", "mlp.down_proj"]}, env={})
+    assert (c.group_size, c.zero_point, c.smoothed) == (64, False, True)
+    assert c.skip("model.layers.3.mlp.down_proj") and c.skip("lm_head")
+    assert not c.skip("model.layers.3.mlp.up_proj")
+
+
+@pytest.mark.parametrize("g", [32, 64, 128, -1])
+def test_group_sizes_accepted(g):
+    assert parse_config({**QM, "group_size": g}, env={}).group_size == g
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"quant_method": "awq"}, "expected 'smoothquant_plus'"),
+    ({"bits": 8}, "bits must be 4"),
+    ({"bits": True}, "bits must be 4"),
+    ({"group_size": 96}, "group_size must be one of"),
+    ({"group_size": "128"}, "group_size must be one of"),
+    ({"zero_point": 2}, "zero_point must be true or false"),
+    ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
+    ({"kernel_backend": "marlin"}, "kernel_backend must be one of"),
+    ({"format": "awq"}, "format must be one of"),
+])
+def test_bad_values_are_clear_errors(bad, match):
+    with pytest.raises(SqplusError, match=match):
+        parse_config({**QM, **bad}, env={})
+
+
+def test_env_var_overrides_kernel_backend():
+    assert parse_config({**QM, "kernel_backend": "sqplus"}, env={ENV_BACKEND: "reference"}).kernel_backend == "reference"
+    with pytest.raises(SqplusError, match=f"env {ENV_BACKEND} must be one of"):
+        parse_config({**QM}, env={ENV_BACKEND: "fast"})
+
+
+def test_pack_nibbles_round_trip_and_layout():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    p = pack_nibbles(q)
+    assert p.shape == (5, 6) and p.dtype == torch.uint8
+    assert int(p[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)  # low nibble = even k
+    assert torch.equal(unpack_nibbles(p), q)
+
+
+def test_export_writes_exact_codes_and_leaves_input_alone(tmp_path):
+    from safetensors.torch import load_file
+    from tiny import save_tiny
+    src = save_tiny(tmp_path / "m", "qwen2", hidden=128, intermediate=256, heads=4, kv_heads=2)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = quantize_checkpoint(str(src), str(tmp_path / "q"), group_size=64)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "packed" and qc["group_size"] == 64 and qc["quant_method"] == "smoothquant_plus"
+    w_in, w_out = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj"
+    q, s, z = quantize_int4(w_in[name + ".weight"], 64, True)
+    assert torch.equal(unpack_nibbles(w_out[name + ".qweight"]), q)
+    assert torch.equal(w_out[name + ".scales"], s) and torch.equal(w_out[name + ".zeros"], z)
+    assert name + ".weight" not in w_out
+    for keep in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.bias"):
+        assert torch.equal(w_out[keep], w_in[keep])
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(SqplusError, match="already a pre-quantized"):
+        quantize_checkpoint(str(out), str(tmp_path / "q2"))
+    with pytest.raises(SqplusError, match="exists and is not empty"):
+        quantize_checkpoint(str(src), str(out))
+
+
+def test_export_shape_error_names_the_layer(tmp_path):
+    from tiny import save_tiny
+    src = save_tiny(tmp_path / "m", "llama", hidden=96, intermediate=192, heads=4)
+    with pytest.raises(SqplusError, match=r"layers\.0\.\S+_proj: in_features 96 is not divisible by group_size 64"):
+        quantize_checkpoint(str(src), str(tmp_path / "q"), group_size=64)
+    assert not (tmp_path / "q").exists()  # nothing half-written
