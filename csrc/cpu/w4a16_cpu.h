@@ -50,12 +50,9 @@ struct TileProblem {
   float* acc;           // [M][64] output accumulators, zeroed by the caller
 };
 
-// Pre-scale factor of activation k (see the layout note): nibble j = k % 8 comes out of the AND
-// as q * 16^j for j < 7; nibble 7 is shifted down (a shift avoids the int32 sign bit).
-inline float xs_factor(int64_t k) {
-  const int j = static_cast<int>(k & 7);
-  return j == 7 ? 1.0f : 1.0f / static_cast<float>(1u << (4 * j));
-}
+// Activations are pre-scaled once per call (w4a16_cpu.cpp, kFac): nibble j = k % 8 comes out of
+// the AND as q * 16^j for j < 7, so xs[k] = x[k] * 16^-j; nibble 7 is shifted down instead (a shift
+// avoids the int32 sign bit), so its factor is 1.
 
 void tile_scalar(const TileProblem& p);
 void tile_avx2(const TileProblem& p);    // compiled with target("avx2,fma")
