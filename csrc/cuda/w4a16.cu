@@ -120,7 +120,10 @@ template <typename T>
 __device__ __forceinline__ uint32_t dq2(uint32_t word, int shift, uint32_t z2, uint32_t s2) {
   using T2 = typename Traits<T>::T2;
   constexpr uint32_t magic2 = Traits<T>::kMagic * 0x10001u;
-  uint32_t v = ((word >> shift) & 0x000f000fu) | magic2;  // one LOP3 (plus the shift)
+  // (w >> shift) & mask | magic as ONE LOP3: a LOP3 takes one immediate, so ptxas split the plain
+  // C++ expression into two; with both constants in registers (hoisted) it is one instruction.
+  uint32_t v, mask = 0x000f000fu, mg = magic2;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(word >> shift), "r"(mask), "r"(mg));
   T2 r = __hmul2(__hsub2(from_u32<T2>(v), from_u32<T2>(z2)), from_u32<T2>(s2));
   return as_u32(r);
 }
@@ -147,7 +150,8 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
     w4a16_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
                         const T* __restrict__ scales, const uint8_t* __restrict__ zeros,
                         const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-                        int* __restrict__ counters, int M, int N, int K, int kpg, int nb) {
+                        int* __restrict__ counters, int M, int N, int K, int kpg, unsigned kpg_magic,
+                        int nb) {
   constexpr int ROWS = 16 * MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int kchunk = kWarps * nb * kBatch * kKStep;  // k values of x per block
@@ -173,7 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
       if (bks + u < KS) bw[u] = ld_stream(qp + (size_t)(bks + u) * 32);
-    const int g0 = bks / kpg;
+    const int g0 = (int)__umulhi((unsigned)bks, kpg_magic);
     const int last = min(bks + kBatch, KS) - 1;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -184,17 +188,19 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
   };
   issue(wks);
 
-  // Stage x: 16-byte copies; rows past M and k past K are zero.
+  // Stage x: 16-byte copies of the rows < M only (the A loads below skip the others); k past K
+  // is zero. ncu on v2 (all 16 rows staged, zero-filled, with run-time divisions) showed the
+  // kernel issue-bound at ~2700 instructions per warp; this loop was a good part of that.
+  const int rows = min(ROWS, M - m0);
   {
-    const int vec_per_row = kchunk / 8;
-    for (int i = threadIdx.x; i < ROWS * vec_per_row; i += blockDim.x) {
-      const int r = i / vec_per_row, c = (i % vec_per_row) * 8;
-      const int m = m0 + r, k = kb * kKStep + c;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m < M && k < K) v = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k));
-      *reinterpret_cast<uint4*>(xs + (size_t)r * xstride + c) = v;
-    }
-    for (int i = threadIdx.x; i < ROWS * (kStrip + 4); i += blockDim.x) red[i] = 0.f;
+    const int k0 = kb * kKStep;
+    for (int r = 0; r < rows; ++r)
+      for (int c = threadIdx.x * 8; c < kchunk; c += kWarps * 32 * 8) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (k0 + c < K) v = __ldg(reinterpret_cast<const uint4*>(x + (size_t)(m0 + r) * K + k0 + c));
+        *reinterpret_cast<uint4*>(xs + (size_t)r * xstride + c) = v;
+      }
+    for (int i = threadIdx.x; i < rows * (kStrip + 4); i += blockDim.x) red[i] = 0.f;
   }
   __syncthreads();
 
@@ -211,13 +217,13 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
     const int bks = wks + b * kBatch;
     if (bks >= KS) break;
     if (b > 0) issue(bks);
-    const int g0 = bks / kpg;
+    const int g0 = (int)__umulhi((unsigned)bks, kpg_magic);
     int cur = -1;
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int ks = bks + u;
       if (ks < KS) {
-        const int slot = ks / kpg - g0;
+        const int slot = (int)__umulhi((unsigned)ks, kpg_magic) - g0;  // ks / kpg, one IMAD.HI
         if (slot != cur) {  // uniform branch: the group changed (g=32: every 2 steps)
           cur = slot;
           // select without run-time indexing (keeps sv/zv in registers)
@@ -231,14 +237,20 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
             z2[j] = (Traits<T>::kMagic | zb) * 0x10001u;
           }
         }
-        // A fragments from shared memory: rows g, g+8 of each m-tile, k = 4t..4t+3 of this step
-        uint2 av[MT][2];
+        // A fragments from shared memory: rows g, g+8 of each m-tile, k = 4t..4t+3 of this step,
+        // loaded word by word straight into mma operand order (a0 a1 a2 a3): two 8-byte loads put
+        // them in (a0 a2)(a1 a3) order and the SASS then spent 4 MOVs per HMMA re-forming the quad.
+        uint32_t afr[MT][4];
         const int kc = (ks - kb) * kKStep + 4 * t;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            av[mt][h] = *reinterpret_cast<const uint2*>(xs + (size_t)(mt * 16 + g + 8 * h) * xstride + kc);
+          for (int i = 0; i < 4; ++i) {
+            const int r = mt * 16 + g + 8 * (i & 1);
+            afr[mt][i] = r < rows ? *reinterpret_cast<const uint32_t*>(xs + (size_t)r * xstride + kc +
+                                                                        2 * (i >> 1))
+                                  : 0u;
+          }
         const uint32_t words[4] = {bw[u].x, bw[u].y, bw[u].z, bw[u].w};
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
@@ -248,9 +260,8 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
           const uint32_t b11 = dq2<T>(words[w], 12, z2[2 * w + 1], s2[2 * w + 1]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t a[4] = {av[mt][0].x, av[mt][1].x, av[mt][0].y, av[mt][1].y};
-            mma16816<T>(acc[mt][2 * w], a, b00, b01);
-            mma16816<T>(acc[mt][2 * w + 1], a, b10, b11);
+            mma16816<T>(acc[mt][2 * w], afr[mt], b00, b01);
+            mma16816<T>(acc[mt][2 * w + 1], afr[mt], b10, b11);
           }
         }
       }
@@ -269,7 +280,6 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 2)  // MT=1: <= 128
       }
   __syncthreads();
 
-  const int rows = min(ROWS, M - m0);
   const int nsplit = gridDim.y;
   if (nsplit == 1) {
     for (int i = threadIdx.x; i < rows * kStrip; i += blockDim.x) {
@@ -502,7 +512,8 @@ static void launch_stream(const at::Tensor& x, const at::Tensor& qw, const at::T
       reinterpret_cast<const T*>(s.data_ptr()), z.data_ptr<uint8_t>(),
       bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
       reinterpret_cast<T*>(out.data_ptr()), splits > 1 ? partial.data_ptr<float>() : nullptr,
-      counters, (int)M, (int)N, (int)K, (int)(group / kKStep), nb);
+      counters, (int)M, (int)N, (int)K, (int)(group / kKStep),
+      (unsigned)((0x100000000ull + group / kKStep - 1) / (group / kKStep)), nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
