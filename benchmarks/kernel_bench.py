@@ -87,7 +87,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_call(fn, device: str) -> float:
+def _time_call(fn, device: str, clock=time.perf_counter) -> float:
     if device == "cuda":
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -95,13 +95,13 @@ def _time_call(fn, device: str) -> float:
         b.record()
         b.synchronize()
         return a.elapsed_time(b) / 1e3
-    t = time.perf_counter()
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
-                  max_rounds: int = 2000) -> dict:
+                  max_rounds: int = 2000, clock=time.perf_counter) -> dict:
     """Median seconds of single calls of each fn, interleaved round-robin (one call of each per
     round) so that load from other users of a shared machine hits every method alike."""
     for fn in fns.values():
@@ -119,12 +119,12 @@ def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
         if rounds >= 3 and spent >= 4 * min_time * len(fns):
             break
         for k, fn in fns.items():
-            times[k].append(_time_call(fn, device))
+            times[k].append(_time_call(fn, device, clock))
         rounds += 1
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15) -> float:
+def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15, clock=time.perf_counter) -> float:
     """Memory read bandwidth in GB/s: the better median of two simple streaming reads of a `gib`
     GiB float32 array, a sum and (CPU) a matrix-vector product (torch's sum alone reads slower
     than BLAS gemv on some CPUs)."""
@@ -134,7 +134,7 @@ def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15) -> float:
     if device == "cpu":
         w, v = a.view(16384, -1), torch.ones(n // 16384)
         fns["mv"] = lambda: torch.mv(w, v)
-    t = min(timed_medians(fns, device, 0.0, iters, iters).values())
+    t = min(timed_medians(fns, device, 0.0, iters, iters, clock=clock).values())
     del a
     return n * 4 / t / 1e9
 
@@ -229,6 +229,51 @@ def check_ours(fn, w32, k, device, act_dtype):
     return err
 
 
+# ------------------------------------------------------------------------------------ report
+def render_markdown(rec: dict) -> str:
+    """The JSON record as a markdown table (written beside the JSON)."""
+    mach = rec["machine"]
+    dev = mach["device"]
+    peers = ["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"]
+    lines = [f"# W4A16 kernel benchmark ({dev})", "",
+             f"- machine: {mach['name']}, {mach['cpus']} cpus, torch threads {mach['torch_threads']}, "
+             f"flags {mach['cpu_flags']}, torch {mach['torch']}",
+             f"- date: {rec['date']}; load average at start/end: {mach['loadavg_start'][0]:.2f} / "
+             f"{mach['loadavg_end'][0]:.2f} (shared machine)",
+             f"- command: `{rec['command']}`",
+             f"- memory read bandwidth (measured, {mach['torch_threads']} thread(s)): "
+             f"{rec['read_bandwidth_GBps']:.1f} GB/s; weights "
+             f"{'warm' if rec['warm'] else 'cold (rotated copies > 3x LLC)'}; activations "
+             f"{rec['activation_dtype'].replace('torch.', '')}; group {rec['rows'][0]['group_size']}; "
+             f"clock {rec.get('clock', 'wall')}",
+             *[f"- {k}: {v}" for k, v in rec["absent"].items()], "",
+             "Ratios are peer time / our time (> 1: ours faster). GB/s counts the weight bytes each "
+             "method reads.", "",
+             "| shape | N x K | M | ours us | GB/s | % BW | " + " | ".join(f"vs {p}" for p in peers)
+             + " | " + " | ".join(f"{p} us" for p in peers) + " |",
+             "|" + "---|" * (6 + 2 * len(peers))]
+    for row in rec["rows"]:
+        r, o = row["methods"], row["methods"].get("sqplus")
+        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        lines.append(f"| {row['shape']} | {row['N']}x{row['K']} | {row['M']} | "
+                     f"{f(o and o['us'], 1)} | {f(o and o['GBps'], 1)} | {f(row['pct_bw'], 1)} | "
+                     + " | ".join(f(row['speedup_vs'].get(p)) for p in peers) + " | "
+                     + " | ".join(f(r[p]['us'] if p in r else None, 1) for p in peers) + " |")
+    if rec.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in rec["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def write_record(rec: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rec, f, indent=1)
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(render_markdown(rec))
+    print(f"# wrote {out} and {md}")
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -243,9 +288,23 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<dev>.json)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: the calling thread's CPU time (needs --threads 1; on a loaded shared "
+                         "machine it leaves out the time the scheduler gives to other processes)")
+    ap.add_argument("--from-json", default=None, help="only re-render the markdown of a JSON record")
+    ap.add_argument("--note", action="append", default=[],
+                    help="with --from-json: add a note (analysis) to the record and its markdown")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rec = json.load(open(args.from_json))
+        rec["notes"] = rec.get("notes", []) + args.note
+        write_record(rec, args.from_json)
+        return 0
 
     dev = args.device
+    if args.clock == "cpu" and (dev != "cpu" or args.threads != 1):
+        raise SystemExit("--clock cpu needs --device cpu --threads 1 (one thread's CPU time)")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible")
     if args.threads:
@@ -262,13 +321,13 @@ def main(argv=None) -> int:
     llc = _llc_bytes(dev)
     load0 = os.getloadavg()
 
-    bw = read_bandwidth(dev)
+    bw = read_bandwidth(dev, clock=clock)
     machine = (torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_model())
     print(f"# {machine}; {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
           f"flags {_cpu_flags()}; torch {torch.__version__}; load avg {load0[0]:.2f}")
     print(f"# memory read bandwidth (1 GiB sum or gemv, median): {bw:.1f} GB/s; last-level cache "
           f"{llc >> 20} MiB; weights {'warm' if args.warm else 'cold (rotated copies)'}; "
-          f"group {args.group_size}; activations {str(act).replace('torch.', '')}")
+          f"group {args.group_size}; activations {str(act).replace('torch.', '')}; clock {args.clock}")
 
     rows, absent_all = [], {}
     hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
@@ -289,7 +348,7 @@ def main(argv=None) -> int:
                    "ours_rel_err": err, "methods": {}}
             xs = {meth: torch.randn(m, k, device=dev).to(dt) for meth, (_, _, dt) in methods.items()}
             fns = {meth: (lambda f=fn, x=xs[meth]: f(x)) for meth, (fn, _, _) in methods.items()}
-            for meth, t in timed_medians(fns, dev, args.min_time).items():
+            for meth, t in timed_medians(fns, dev, args.min_time, clock=clock).items():
                 nbytes, dt = methods[meth][1], methods[meth][2]
                 row["methods"][meth] = {"us": t * 1e6, "GBps": nbytes / t / 1e9, "weight_bytes": nbytes,
                                         "TFLOPs": 2 * m * n * k / t / 1e12, "act_dtype": str(dt)}
@@ -319,13 +378,10 @@ def main(argv=None) -> int:
                           "loadavg_start": load0, "loadavg_end": load1},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
-              "read_bandwidth_GBps": bw, "warm": args.warm, "activation_dtype": str(act),
+              "read_bandwidth_GBps": bw, "warm": args.warm, "clock": args.clock, "activation_dtype": str(act),
               "absent": absent_all, "rows": rows}
-    out = args.out or os.path.join(RESULTS, f"kernels_{dev}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"# wrote {out}; load avg at end {load1[0]:.2f}")
+    write_record(record, args.out or os.path.join(RESULTS, f"kernels_{dev}.json"))
+    print(f"# load avg at end {load1[0]:.2f}")
     return 0
 
 

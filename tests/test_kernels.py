@@ -118,6 +118,18 @@ def test_leading_dims_and_empty():
     assert lin(torch.empty(0, 128, dtype=torch.bfloat16)).shape == (0, 96)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("sqplus", marks=needs_ext)])
+def test_module_dtype_cast_keeps_packed_layout(backend):
+    # model.to(bfloat16) casts the bias, never the packed codes / float32 scales
+    x, q, s, z, b, ref = _problem(3, 80, 128, 64, True, torch.bfloat16, True)
+    lin = W4A16Linear.from_quantized(q, s, z, 64, bias=b, backend=backend).to(torch.bfloat16)
+    assert lin.bias.dtype == torch.bfloat16
+    assert {getattr(lin, k).dtype for k in lin._keys} == {t.dtype for t in pack_weights(
+        q, s, z, 64, backend).values()}
+    ref = x.float() @ dequantize_int4(q, s, z, 64, torch.float32).T + b.bfloat16().float()
+    assert _rel_err(lin(x), ref) < TOL[torch.bfloat16]
+
+
 @needs_ext
 @pytest.mark.parametrize("n,k,g", [(37, 100, -1), (130, 256, 32), (64, 128, 128), (1, 8, -1)])
 def test_pack_layout_exact(n, k, g):

@@ -142,6 +142,18 @@ class W4A16Linear(nn.Module):
             raise SqplusError(f"W4A16Linear: bias must be [N] = [{n}], got {tuple(bias.shape)}")
         return cls(packed, k, n, group_size, backend, bias)
 
+    def _apply(self, fn, recurse=True):
+        # why: model.to(torch.bfloat16) / .half() would cast the packed tensors too (float32 scales,
+        # int32 codes) and break the layout; they keep their dtype and follow only device moves
+        keep = {id(getattr(self, k)) for k in self._keys}
+
+        def fn_keep_dtype(t):
+            if id(t) not in keep:
+                return fn(t)
+            r = fn(t)
+            return r if r.dtype == t.dtype else t.to(device=r.device)
+        return super()._apply(fn_keep_dtype, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = {name: getattr(self, name) for name in self._keys}
         return w4a16_matmul(x, packed, self.group_size, self.backend, self.bias)
