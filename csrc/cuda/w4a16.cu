@@ -19,16 +19,19 @@
 // Dequantization: w = (q - z) * s. (1024+q) - (1024+z) is exact in fp16 (and 128+q - (128+z) in
 // bf16), so only the product with s rounds, exactly as the float reference rounds when cast.
 //
-// Paths of w4a16_gemm (x [M, K] after flattening):
-//   M <= 64*? (see pick_path): "stream" kernel. Grid = (N/64 strips, split-K, M blocks of 16*MT rows);
-//     each of a block's 4 warps walks its own run of k-steps, loads 512 B of weights per step
-//     (coalesced, streaming), dequantizes in registers and issues 8*MT mma.sync (fp32 accumulate);
-//     rows >= M are zero and never loaded. Warps reduce through shared memory; split-K blocks write
-//     fp32 partials and the last block of a strip (atomic counter, reset by it) sums them in a
-//     fixed order, adds the bias and writes x.dtype. One launch per call.
-//   large M: "dequant" kernel writes W [N, K] in x.dtype, then cuBLAS (at::linear). At M >= ~256
-//     the GEMM is compute-bound and the extra pass costs 2*N*K bytes of traffic, a few % at M=4096.
-//     (vLLM's AWQ path does the same above 256 tokens.) A fused wgmma kernel would remove that cost.
+// Paths of w4a16_gemm (x [M, K] after flattening; float32 x always takes the cuBLAS path with
+// exact fp32 weights):
+//   M <= 16 (env SQPLUS_CUDA_DEQUANT_M=17): "stream" kernel. Grid = (N/64 strips, split-K, M blocks of
+//     16 or 32 rows). Each warp owns a batch of 8 k-steps of one strip, issues its 8 x 512 B weight
+//     loads and the batch's scales/zeros before using any, dequantizes in registers and issues
+//     8 mma.sync per k-step (fp32 accumulate); rows >= M are zero and never loaded. Warps reduce
+//     through shared memory; split-K blocks write fp32 partials and the last block of a strip
+//     (atomic counter, which it resets) sums them in a fixed order, adds the bias, writes x.dtype.
+//     One launch per call. Measured (benchmarks/results/kernels_cuda.md): issue-bound, not yet at
+//     HBM bandwidth (see there for why and what is next).
+//   M >= 17: "dequant" kernel writes W [N, K] in x.dtype, then cuBLAS (at::linear). The extra pass
+//     costs 2*N*K bytes of traffic: ~0.75x cuBLAS at M=1024, ~0.9x at M=4096. (vLLM's AWQ path does
+//     the same above 256 tokens.) A fused wgmma kernel would remove that cost.
 // Narrow ATen headers (not ATen/ATen.h): they halve the host compile time.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -534,7 +537,7 @@ static at::Tensor dequant(const at::Tensor& qw, const at::Tensor& s, const at::T
 static int64_t dequant_threshold() {
   static int64_t v = [] {
     const char* e = std::getenv("SQPLUS_CUDA_DEQUANT_M");
-    return e ? std::atoll(e) : (int64_t)33;
+    return e ? std::atoll(e) : (int64_t)17;  // measured: M=32 stream 2x slower than this path
   }();
   return v;
 }
@@ -598,7 +601,7 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
     using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
     if (M <= 16)
       launch_stream<T, 1>(x2, qweight, s, z, b, out, M, N, K, group_size);
-    else  // M > 32 here only when path 1 is forced (tests, benchmarks): 32-row blocks
+    else  // M > 16 here only when path 1 is forced (tests, benchmarks): 32-row blocks
       launch_stream<T, 2>(x2, qweight, s, z, b, out, M, N, K, group_size);
   });
   return out.view(out_shape);
