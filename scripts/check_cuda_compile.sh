@@ -21,7 +21,7 @@ for f in "$ROOT"/csrc/cuda/*.cu; do
   # one nvcc call per file, both device targets (the host pass, the slow part, runs once)
   gen="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a"
   for once in 1; do
-    if timeout 170 "$NVCC" -c "$f" -o "$TMP/$(basename "$f").o" -std=c++17 -O3 \
+    if timeout 600 "$NVCC" -c "$f" -o "$TMP/$(basename "$f").o" -std=c++17 -O3 \
         $gen $INC -I"$PYINC" -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H $EXTRA \
         -D_GLIBCXX_USE_CXX11_ABI=$ABI --use_fast_math -Xcompiler -fPIC \
         -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ \
