@@ -136,3 +136,19 @@ def test_ppl_reads_text_and_jsonl(tmp_path):
         ppl.read_text(str(j))
     with pytest.raises(SqplusError, match="not found"):
         ppl.read_text(str(tmp_path / "nope.txt"))
+
+
+def test_benchmark_table_and_failure_reason():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import throughput as tp
+    log = ("INFO loading\n(Worker pid=1) ERROR 11-23 [x.py:1] vllm_sqplus.errors.SqplusError: kernel_backend=vllm: "
+           "no cpu_gemm_wna16\nRuntimeError: Engine core initialization failed\n")
+    assert tp.failure_reason(log).startswith("vllm_sqplus.errors.SqplusError: kernel_backend=vllm")
+    assert tp.failure_reason("") == "no output"
+    rows = [{"engine": "bf16", "status": "ok", "tok": 10.0}, {"engine": "sqplus", "status": "ok", "tok": 25.0},
+            {"engine": "vllm-w4a16", "status": "unavailable", "reason": "no kernel"}]
+    t = tp.table(rows, [("tok", "tok/s", ".1f")], "tok").splitlines()
+    assert "2.50x" in t[2] and "unavailable" in t[3] and "no kernel" in t[3]
+    assert tp.random_prompts(2, 5, 50000) == tp.random_prompts(2, 5, 50000)  # same prompts for every engine
