@@ -218,7 +218,10 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_out", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+    // why the grain: a thread's share should be worth the fork/join (~5-10 us, far more on an
+    // oversubscribed machine where a descheduled thread stalls the join); >= ~256K MACs a task
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, K8 * kTileN * M));
+    at::parallel_for(0, Nt, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> acc(M * kTileN), spad, zpad;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kTileN, cols = std::min(kTileN, N - n0);
