@@ -54,6 +54,11 @@ def _worker(model: str, name: str, batches: list[int], tokens: int, reps: int) -
     rss_worker, rss_all = _tree_rss(os.getpid())
     import psutil
     rss_main = psutil.Process().memory_info().rss
+    try:
+        from vllm_sqplus.vllm_compat import memory_report  # importable in the worker
+        probe = llm.apply_model(memory_report)[0]
+    except Exception as e:  # noqa: BLE001 - recorded, the timing still runs
+        probe = {"error": f"{type(e).__name__}: {e}"[:500]}
     prompt = list(range(1000, 1032))  # 32 ordinary token ids
 
     def run(b, t):
@@ -72,7 +77,7 @@ def _worker(model: str, name: str, batches: list[int], tokens: int, reps: int) -
         decode[str(b)] = {"median_tok_s": statistics.median(rates), "all": rates}
     return {"config": name, "dtype": dtype, "quantization": quant, "load_s": load_s,
             "rss_worker_gib": rss_worker / 2**30, "rss_engine_total_gib": rss_all / 2**30,
-            "rss_frontend_gib": rss_main / 2**30, "decode": decode}
+            "rss_frontend_gib": rss_main / 2**30, "worker_probe": probe, "decode": decode}
 
 
 def linear_bytes(model: str) -> dict:
@@ -108,10 +113,10 @@ def linear_bytes(model: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--configs", default="int4_fp32,int4_bf16,fp32,bf16")
+    ap.add_argument("--configs", default="int4_fp32,fp32,bf16,int4_bf16")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="vllm_cpu")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--note", default="")
@@ -121,7 +126,26 @@ def main() -> int:
         print("RESULT " + json.dumps(_worker(a.model, a.worker, batches, a.tokens, a.reps)), flush=True)
         return 0
     results = []
+    try:
+        from vllm_sqplus.errors import SqplusError  # noqa: F401
+        from vllm_sqplus.vllm_compat import SqplusLinearMethod
+        from vllm_sqplus.config import parse_config
+        import torch
+        SqplusLinearMethod(parse_config({"kernel_backend": "vllm"}, env={}), "probe").create_weights(
+            torch.nn.Module(), 896, [896], 896, 896, torch.float32)
+        vllm_kernel = "available"
+    except Exception as e:  # noqa: BLE001 - recorded
+        vllm_kernel = f"unavailable: {e}"
+    rec = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared "
+                      f"with other jobs: timings noisy), {platform.platform()}",
+           "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
+           "model": a.model, "note": a.note, "tokens": a.tokens, "reps": a.reps,
+           "linear_bytes": linear_bytes(a.model), "kernel_backend_vllm": vllm_kernel, "results": results}
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
     for name in a.configs.split(","):
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(_probe)
         cmd = [sys.executable, __file__, a.model, "--worker", name, "--batches", a.batches,
                "--tokens", str(a.tokens), "--reps", str(a.reps)]
         print("+", " ".join(cmd), flush=True)
@@ -133,24 +157,8 @@ def main() -> int:
             continue
         results.append(json.loads(line[-1][7:]))
         print(json.dumps(results[-1]), flush=True)
-    try:
-        from vllm_sqplus.errors import SqplusError
-        from vllm_sqplus.vllm_compat import SqplusLinearMethod
-        from vllm_sqplus.config import parse_config
-        import torch
-        SqplusLinearMethod(parse_config({"kernel_backend": "vllm"}, env={}), "probe").create_weights(
-            torch.nn.Module(), 896, [896], 896, 896, torch.float32)
-        vllm_kernel = "available"
-    except Exception as e:  # noqa: BLE001 - recorded
-        vllm_kernel = f"unavailable: {e}"
-    rec = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
-                      f"{platform.platform()}",
-           "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
-           "model": a.model, "note": a.note, "tokens": a.tokens, "reps": a.reps,
-           "linear_bytes": linear_bytes(a.model), "kernel_backend_vllm": vllm_kernel, "results": results}
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+        (out / f"{a.out}.json").write_text(json.dumps(rec, indent=2) + "\n")  # after every config
+        (out / f"{a.out}.md").write_text(_markdown(rec))
     (out / f"{a.out}.json").write_text(json.dumps(rec, indent=2) + "\n")
     (out / f"{a.out}.md").write_text(_markdown(rec))
     print((out / f"{a.out}.md").read_text())
@@ -169,15 +177,22 @@ def _markdown(rec: dict) -> str:
              f"{lb['int4_bytes'] / 2**20:.1f} MiB vs BF16 {lb['bf16_bytes'] / 2**20:.1f} MiB = "
              f"**{lb['ratio']:.1%}** of BF16 (goal <= 30%)", ""]
     batches = sorted({b for r in rec["results"] for b in r.get("decode", {})}, key=int)
-    lines.append("| config | load s | worker RSS GiB | " + " | ".join(f"tok/s B={b}" for b in batches) + " |")
-    lines.append("|---" * (3 + len(batches)) + "|")
+    lines.append("| config | load s | worker RSS GiB | RSS after malloc_trim | linear tensors MiB | "
+                 + " | ".join(f"tok/s B={b}" for b in batches) + " |")
+    lines.append("|---" * (5 + len(batches)) + "|")
     base = {r["config"]: r for r in rec["results"] if "decode" in r}
     for r in rec["results"]:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error'][-200:].splitlines()[-1] if r['error'] else '?'} |")
             continue
         cells = [f"{r['decode'][b]['median_tok_s']:.1f}" if b in r["decode"] else "-" for b in batches]
-        lines.append(f"| {r['config']} | {r['load_s']:.1f} | {r['rss_worker_gib']:.2f} | " + " | ".join(cells) + " |")
+        pr = r.get("worker_probe", {})
+        trim = pr.get("rss_after_trim_gib", {}).get("VmRSS")
+        tb = pr.get("tensor_bytes", {})
+        lin = (tb.get("quantized_linear", 0) + tb.get("dense_linear", 0)) / 2**20 if tb else None
+        lines.append(f"| {r['config']} | {r['load_s']:.1f} | {r['rss_worker_gib']:.2f} | "
+                     f"{'-' if trim is None else f'{trim:.2f}'} | {'-' if lin is None else f'{lin:.0f}'} | "
+                     + " | ".join(cells) + " |")
     for q, d in (("int4_fp32", "fp32"), ("int4_bf16", "bf16"), ("int4_fp32", "bf16")):
         if q in base and d in base:
             sp = ", ".join(f"B={b}: {base[q]['decode'][b]['median_tok_s'] / base[d]['decode'][b]['median_tok_s']:.2f}x"

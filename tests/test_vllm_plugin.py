@@ -49,6 +49,11 @@ def _worker(spec_path: str, out_path: str) -> None:
             outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params)
             results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                                     "seconds": time.time() - t0}
+            if job.get("inspect"):  # what the loaded model holds: names, dtypes, shapes
+                try:
+                    results[job["name"]]["params"] = llm.apply_model(_param_table)[0]
+                except Exception as e:  # noqa: BLE001 - only that test fails
+                    results[job["name"]]["params"] = {"error": f"{type(e).__name__}: {e}"}
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:  # noqa: BLE001 - shutdown API moves between releases
@@ -58,6 +63,10 @@ def _worker(spec_path: str, out_path: str) -> None:
         except Exception as e:  # noqa: BLE001 - reported to the test, which decides
             results[job["name"]] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         Path(out_path).write_text(json.dumps(results))
+
+
+def _param_table(model) -> dict:
+    return {n: [str(p.dtype), list(p.shape), str(p.device)] for n, p in model.named_parameters()}
 
 
 if __name__ == "__main__":
@@ -102,7 +111,8 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(ckpts):
     jobs = [
-        {"name": "llama_flag", "model": str(ckpts["llama"]), "quantization": "smoothquant_plus"},
+        {"name": "llama_flag", "model": str(ckpts["llama"]), "quantization": "smoothquant_plus",
+         "inspect": True},
         {"name": "qwen_auto", "model": str(ckpts["qwen"])},          # no flag: detected
         {"name": "llama_packed", "model": str(ckpts["packed"])},     # pre-quantized, detected
         {"name": "llama_tp2", "model": str(ckpts["llama"]), "quantization": "smoothquant_plus", "tp": 2},
@@ -114,7 +124,8 @@ def runs(ckpts):
                             ([j for j in jobs if j.get("tp", 1) > 1], {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})):
         spec, out = ckpts["root"] / f"spec{len(results)}.json", ckpts["root"] / f"out{len(results)}.json"
         spec.write_text(json.dumps({"jobs": part, "prompts": ckpts["prompts"]}))
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1", **env_extra)
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1",
+                   VLLM_ALLOW_INSECURE_SERIALIZATION="1", **env_extra)  # apply_model's function
         proc = subprocess.run([sys.executable, str(HERE), str(spec), str(out)], env=env,
                               capture_output=True, text=True, timeout=300)
         log += proc.stdout + proc.stderr
@@ -163,6 +174,21 @@ def _assert_close_tokens(got, want, what):
 def test_quantize_at_load_matches_reference(runs, ckpts):
     ref = _reference_tokens(ckpts["llama"], ckpts["prompts"], 128, True)
     _assert_close_tokens(_job(runs, "llama_flag"), ref, "llama, --quantization smoothquant_plus")
+
+
+def test_linears_hold_only_int4_after_load(runs):
+    """Quantize-at-load leaves no full-precision weight in a quantized linear; lm_head and the
+    embeddings stay float32; the packed weight is 4 bits per weight (uint8 [.., K/2] or denser)."""
+    _job(runs, "llama_flag")
+    params = runs["results"]["llama_flag"]["params"]
+    for lin in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        names = {n.rsplit(".", 1)[1]: v for n, v in params.items() if f"layers.1.{lin}." in n}
+        assert "weight" not in names and "sq_scales" in names, f"{lin}: {names}"
+        qw = names.get("sq_qweight") or names.get("sq_q")
+        assert qw is not None and qw[0] in ("torch.uint8", "torch.int32", "torch.int8"), names
+        assert all(v[2] == "cpu" for v in names.values()), names  # nothing left on meta
+    assert params["lm_head.weight"][0] == "torch.float32"
+    assert params["model.embed_tokens.weight"][0] == "torch.float32"
 
 
 def test_plain_checkpoint_warns_once_about_missing_smoothing(runs):

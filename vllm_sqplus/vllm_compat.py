@@ -288,3 +288,34 @@ def _load_vllm_kernel_weights(layer, kernel, q, scales, zeros) -> None:
             data=pack_quantized_values_into_int32(zeros.to(torch.int32), wtype, 0).contiguous(),
             input_dim=1, output_dim=0, packed_dim=0, packed_factor=8, weight_loader=_noop_loader))
     kernel.process_weights_after_loading(layer)
+
+
+def memory_report(model: torch.nn.Module) -> dict:
+    """Bytes held by the loaded model by kind, and this process's RSS before/after malloc_trim.
+
+    For `LLM.apply_model(memory_report)` (benchmarks): the full-precision weights freed while
+    loading can stay in glibc's heap until trimmed, so RSS alone overstates what the model holds.
+    """
+    import ctypes
+
+    def status() -> dict:
+        with open("/proc/self/status") as f:
+            rows = [line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))]
+        return {k: int(v.split()[0]) / 2**20 for k, v in rows}  # kB -> GiB
+    kinds = {"quantized_linear": 0, "dense_linear": 0, "embed_lm_head": 0, "other": 0}
+    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+        b, leaf = p.numel() * p.element_size(), n.rsplit(".", 1)[-1]
+        if leaf.startswith("sq_") or leaf in ("weight_packed", "weight_scale", "weight_zero_point"):
+            kinds["quantized_linear"] += b
+        elif "embed" in n or "lm_head" in n:
+            kinds["embed_lm_head"] += b
+        elif leaf == "weight" and p.dim() == 2:
+            kinds["dense_linear"] += b
+        else:
+            kinds["other"] += b
+    before = status()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    return {"tensor_bytes": kinds, "rss_gib": before, "rss_after_trim_gib": status()}
