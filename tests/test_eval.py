@@ -152,3 +152,11 @@ def test_benchmark_table_and_failure_reason():
     t = tp.table(rows, [("tok", "tok/s", ".1f")], "tok").splitlines()
     assert "2.50x" in t[2] and "unavailable" in t[3] and "no kernel" in t[3]
     assert tp.random_prompts(2, 5, 50000) == tp.random_prompts(2, 5, 50000)  # same prompts for every engine
+
+
+def test_sanitizer_recovers_an_answer_cut_off_by_max_tokens(problems):
+    p = problems["HumanEval/2"]
+    raw = "def truncate_number(number: float) -> float:\n    return number % 1.0\n\nprint(truncate_number(3.5), [1, 2,"
+    comp = he.extract_completion(p, raw, "instruct")
+    assert he.score([{"task_id": "HumanEval/2", "completion": comp}], problems)[0]["passed"]
+    assert he.sanitize("def f(:\n  pass\n") == "def f(:\n  pass\n"  # nothing parses: unchanged

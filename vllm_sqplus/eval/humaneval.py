@@ -83,14 +83,20 @@ def sanitize(code: str) -> str:
     Small instruct models append their own usage examples and tests ("print(f(...))", asserts with
     wrong expectations, calls to a test_ function). Those run at import time and can fail a correct
     solution, so top-level statements other than definitions are dropped (EvalPlus' sanitizer does
-    the same). Code that does not parse is returned unchanged: the checker will report the error.
+    the same). An answer cut off by max_tokens usually dies inside those trailing examples: then the
+    longest prefix of whole lines that parses is kept. Code with no parseable prefix is returned
+    unchanged, and the checker reports its SyntaxError.
     """
     import ast
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return code
     lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+            break
+        except SyntaxError:
+            continue
+    else:
+        return code
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
             ast.AnnAssign)
     out = []
