@@ -14,6 +14,9 @@ for step in "${steps[@]}"; do
     build)
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
       # sm_90 for Hopper; 8.0 too where an A100 runs it (TORCH_CUDA_ARCH_LIST overrides)
+      # the image's default g++ wrapper (/opt/gcc) built an extension that segfaulted whenever an op
+      # raised an error (TORCH_CHECK); the system compiler does not
+      [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CC=/usr/bin/gcc
       SQPLUS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
         || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }

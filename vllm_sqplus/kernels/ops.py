@@ -9,7 +9,7 @@ the first caller that needs it warns once (`warn_missing_once`), then the refere
 The fake implementations let torch.compile / CUDA graphs trace the ops without running them. The
 gemm's output shape needs no layout knowledge (scales_p is [K/g, N] on every device); the pack's
 output shapes are each device's layout, looked up in PACKED_SHAPES (the CUDA kernel's module adds
-its own with `register_packed_shape("cuda", fn)`).
+its own with `register_packed_shape(device, fn)`; CUDA's is declared below).
 """
 from __future__ import annotations
 
@@ -56,18 +56,26 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def cpu_packed_shape(n: int, k: int, groups: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def cpu_packed_shape(n: int, k: int, groups: int,
+                     scales_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """CPU layout (csrc/cpu/w4a16_cpu.h): qweight int32 [ceil(N/64), ceil(K/8), 64],
     scales_p and zeros_p (= -zeros*scales) float32 [K/g, N]."""
     return [((_ceil_div(n, TILE_N), _ceil_div(k, CHUNK_K), TILE_N), torch.int32),
             ((groups, n), torch.float32), ((groups, n), torch.float32)]
 
 
-# device type -> fn(N, K, K/g) -> [(shape, dtype)] for [qweight, scales_p, zeros_p]
-PACKED_SHAPES: dict[str, Callable[[int, int, int], list]] = {"cpu": cpu_packed_shape}
+def cuda_packed_shape(n: int, k: int, groups: int,
+                      scales_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """CUDA layout (csrc/cuda/w4a16.cu): qweight int32 [N/64, K/16, 128], scales_p [K/g, N] in the
+    scales' dtype, zeros_p uint8 [K/g, N]."""
+    return [((n // 64, k // 16, 128), torch.int32), ((groups, n), scales_dtype), ((groups, n), torch.uint8)]
 
 
-def register_packed_shape(device_type: str, fn: Callable[[int, int, int], list]) -> None:
+# device type -> fn(N, K, K/g, scales dtype) -> [(shape, dtype)] for [qweight, scales_p, zeros_p]
+PACKED_SHAPES: dict[str, Callable[..., list]] = {"cpu": cpu_packed_shape, "cuda": cuda_packed_shape}
+
+
+def register_packed_shape(device_type: str, fn: Callable[..., list]) -> None:
     """Declare a device's packed shapes for the fake w4a16_pack (used under torch.compile)."""
     PACKED_SHAPES[device_type] = fn
 
@@ -80,7 +88,7 @@ def _register_fakes() -> None:
         if fn is None:
             raise NotImplementedError(f"sqplus::w4a16_pack: no packed layout declared for device "
                                       f"'{q.device.type}' (ops.register_packed_shape)")
-        return [q.new_empty(shape, dtype=dtype) for shape, dtype in fn(n, k, scales.shape[1])]
+        return [q.new_empty(shape, dtype=dtype) for shape, dtype in fn(n, k, scales.shape[1], scales.dtype)]
 
     @torch.library.register_fake("sqplus::w4a16_gemm")
     def _gemm_fake(x, qweight, scales, zeros, group_size, bias=None):
