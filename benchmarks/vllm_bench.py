@@ -120,8 +120,13 @@ def main() -> int:
     ap.add_argument("--out", default="vllm_cpu")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--note", default="")
+    ap.add_argument("--render", action="store_true", help="rewrite the .md from the .json only")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
+    if a.render:
+        rec = json.loads((HERE / "results" / f"{a.out}.json").read_text())
+        (HERE / "results" / f"{a.out}.md").write_text(_markdown(rec))
+        return 0
     if a.worker:
         print("RESULT " + json.dumps(_worker(a.model, a.worker, batches, a.tokens, a.reps)), flush=True)
         return 0
@@ -172,7 +177,9 @@ def _markdown(rec: dict) -> str:
              f"- command: `{rec['command']}`",
              f"- decode tok/s = B*(T-8)/(t(T)-t(8)), T={rec['tokens']}, prompt 32 tokens, greedy, "
              f"median of {rec['reps']}; enforce_eager, max_model_len 512",
-             f"- kernel_backend=vllm: {rec['kernel_backend_vllm']}", "",
+             f"- kernel_backend=vllm: {rec['kernel_backend_vllm']}",
+             "- worker RSS: the vLLM worker process holding the model (KV cache 256 MiB included); "
+             "'linear tensors': bytes of our packed INT4 tensors in that process", "",
              f"Quantized linears ({lb['layers']} layers, g{lb['group_size']}, backend {lb['backend']}): "
              f"{lb['int4_bytes'] / 2**20:.1f} MiB vs BF16 {lb['bf16_bytes'] / 2**20:.1f} MiB = "
              f"**{lb['ratio']:.1%}** of BF16 (goal <= 30%)", ""]
@@ -189,7 +196,8 @@ def _markdown(rec: dict) -> str:
         pr = r.get("worker_probe", {})
         trim = pr.get("rss_after_trim_gib", {}).get("VmRSS")
         tb = pr.get("tensor_bytes", {})
-        lin = (tb.get("quantized_linear", 0) + tb.get("dense_linear", 0)) / 2**20 if tb else None
+        # dense: vLLM's CPU linear repacks weights outside named parameters, so not counted
+        lin = tb.get("quantized_linear", 0) / 2**20 if tb and r.get("quantization") else None
         lines.append(f"| {r['config']} | {r['load_s']:.1f} | {r['rss_worker_gib']:.2f} | "
                      f"{'-' if trim is None else f'{trim:.2f}'} | {'-' if lin is None else f'{lin:.0f}'} | "
                      + " | ".join(cells) + " |")
