@@ -1,3 +1,8 @@
+"""Score hand-picked smoothing candidates on Qwen2.5-Coder-0.5B with the whole-model search loss.
+
+usage: python benchmarks/search_experiment.py N_STAT_SAMPLES 'C(alpha,"max"|"mean","all"|"norm")' ...
+Prints one row per candidate (the identity always included); used for accuracy.md's stat/pairs table.
+"""
 import sys, json, torch, time
 from transformers import AutoTokenizer
 from vllm_sqplus.checkpoint import load_model
