@@ -41,8 +41,15 @@ def test_smooth_writes_equivalent_checkpoint(tmp_path, calib_file, arch, kw):
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "smoothquant_plus" and qc["bits"] == 4 and qc["group_size"] == 64
     assert qc["zero_point"] is True and qc["alpha"] == 0.5
-    for name in ("tokenizer.json", "sqplus_search.json", "sqplus_act_scales.safetensors", "model.safetensors"):
+    for name in ("tokenizer.json", "sqplus_search.json", "sqplus_stats/act_scales.safetensors", "model.safetensors"):
         assert (out / name).is_file(), name
+    # vLLM loads every top-level *.safetensors as weights: only the model's tensors may be there
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    names = set(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict())
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            assert set(sf.keys()) <= names, f"{f.name} holds non-model tensors"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp leftovers
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
     ref, new = _logits(src, ids), _logits(out, ids)

@@ -4,7 +4,8 @@ The output is an ordinary Hugging Face checkpoint (same dtype as the input unles
 otherwise) computing the same function as the input up to rounding, whose config.json names
 quant_method "smoothquant_plus": vLLM with our plugin quantizes it to INT4 while loading.
 Beside the weights: sqplus_search.json (loss per alpha), sqplus_search.png (its plot) and
-sqplus_act_scales.safetensors (the calibration statistics, reusable).
+sqplus_stats/act_scales.safetensors (the calibration statistics, reusable; in a subfolder because
+vLLM loads every top-level *.safetensors as weights).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 
 from vllm_sqplus import QUANT_METHOD, __version__
 from vllm_sqplus.errors import SqplusError
+
+STATS_DIR = "sqplus_stats"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("smooth", help="calibrate + search alpha + write a smoothed checkpoint",
@@ -144,9 +147,11 @@ def run(args) -> int:
         save_model(model, args.model_dir, tmp, qcfg)
         (tmp / "sqplus_search.json").write_text(json.dumps(table, indent=2) + "\n")
         from safetensors.torch import save_file
+        # in a subfolder: vLLM (and transformers' sharded loaders) read every top-level *.safetensors
+        (tmp / STATS_DIR).mkdir()
         save_file({f"{stat}.layers.{i}.{k}": v.contiguous() for i, per in enumerate(res.act_stats)
                    for stat, d in per.items() for k, v in d.items()},
-                  str(tmp / "sqplus_act_scales.safetensors"))
+                  str(tmp / STATS_DIR / "act_scales.safetensors"))
         plot_search(table, tmp / "sqplus_search.png")
 
     write_checkpoint_atomic(out, args.overwrite, write)
