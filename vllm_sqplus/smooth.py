@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_sqplus.arch import ArchSpec, SmoothPair, get_module
+from vllm_sqplus.arch import SmoothPair, get_module
 
 _CLAMP = 1e-5
 
@@ -61,7 +61,3 @@ def smooth_layer(layer: nn.Module, pairs: list[SmoothPair], act_max: dict[str, t
         apply_smooth(get_module(layer, pair.prev), fcs, s, pair.kind)
         scales[pair.prev] = s
     return scales
-
-
-def layer_linears(layer: nn.Module, arch: ArchSpec) -> dict[str, nn.Linear]:
-    return {name: get_module(layer, name) for name in arch.linears}
