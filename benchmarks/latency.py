@@ -11,14 +11,13 @@ Writes benchmarks/results/latency[_TAG].json and .png; prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-from throughput import ENGINES, machine, make_llm, random_prompts, run_engine, save, table, worker_main
+from throughput import (checked_engines, common_parser, machine, make_llm, random_prompts, run_engine, save,
+                        table, worker_main)
 
 
 def run_latency(spec: dict) -> dict:
@@ -50,29 +49,14 @@ def run_latency(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--model")
-    ap.add_argument("--engines", default="bf16,sqplus,vllm-w4a16")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
+    ap = common_parser(__doc__, output_len=64, kv_cache_bytes=256 << 20)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the quantized engines")
-    ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
-    ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if not args.model:
-        ap.error("--model is required")
+    engines, model = checked_engines(ap, args)
     if args.output_len < 2:
         ap.error("--output-len must be at least 2")
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    bad = [e for e in engines if e not in ENGINES]
-    if bad:
-        ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)}")
-    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model  # workers run elsewhere
     common = {"model": model, "input_len": args.input_len, "output_len": args.output_len,
               "iters": args.iters, "dtype": args.dtype, "kv_cache_bytes": args.kv_cache_bytes}
     rows = []

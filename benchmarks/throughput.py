@@ -175,21 +175,23 @@ def save(name: str, payload: dict, rows: list[dict], metric: str, ylabel: str, t
     return jpath, ppath
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_parser(doc: str, output_len: int, kv_cache_bytes: int) -> argparse.ArgumentParser:
+    """The options throughput.py and latency.py share (both run the same engines the same way)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model")
     ap.add_argument("--engines", default="bf16,sqplus,vllm-w4a16")
-    ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=output_len)
     ap.add_argument("--dtype", default="bfloat16", help="activation dtype of the quantized engines")
-    ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    ap.add_argument("--kv-cache-bytes", type=int, default=kv_cache_bytes)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
     ap.add_argument("--tag", default="")
-    args = ap.parse_args(argv)
-    if args.worker:
-        return worker_main(args.worker)
+    return ap
+
+
+def checked_engines(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], str]:
+    """(engine names, model path as the worker subprocesses must see it); ap.error on bad input."""
     if not args.model:
         ap.error("--model is required")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -197,6 +199,16 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)}")
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model  # workers run elsewhere
+    return engines, model
+
+
+def main(argv=None) -> int:
+    ap = common_parser(__doc__, output_len=128, kv_cache_bytes=1 << 30)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    engines, model = checked_engines(ap, args)
     common = {"model": model, "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "dtype": args.dtype, "kv_cache_bytes": args.kv_cache_bytes}
     rows = []

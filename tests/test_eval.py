@@ -160,3 +160,21 @@ def test_sanitizer_recovers_an_answer_cut_off_by_max_tokens(problems):
     comp = he.extract_completion(p, raw, "instruct")
     assert he.score([{"task_id": "HumanEval/2", "completion": comp}], problems)[0]["passed"]
     assert he.sanitize("def f(:\n  pass\n") == "def f(:\n  pass\n"  # nothing parses: unchanged
+
+
+def test_benchmark_clis_share_checked_options(capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import latency
+    import throughput
+    for mod in (latency, throughput):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--model", "m", "--engines", "bf16,nope"])
+        assert e.value.code == 2 and "unknown engine(s) ['nope']" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            mod.main([])
+        assert "--model is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        latency.main(["--model", "m", "--output-len", "1"])
+    assert "--output-len must be at least 2" in capsys.readouterr().err
