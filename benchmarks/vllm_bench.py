@@ -9,7 +9,15 @@ One engine per configuration, each in its own subprocess (clean RSS, no leftover
 Linear bytes: computed from the model's shapes (fused qkv / gate_up as vLLM holds them) and the
 packed tensors our CPU kernel keeps (kernels.pack_weights on each distinct shape), vs BF16 bytes.
 
-  python benchmarks/vllm_bench.py MODEL [--configs int4_fp32,int4_bf16,fp32,bf16] [--out NAME]
+Engine overhead: the worker's anonymous RSS after malloc_trim minus the model's tensors (dense linears
+counted from the shapes, since vLLM's CPU linear keeps them outside named parameters) and the KV
+cache: what the engine holds besides the model. Equal in the INT4 and dense rows means quantize-at-load
+left no full-precision weights behind.
+
+  python benchmarks/vllm_bench.py MODEL [--dense-model DIR] [--configs int4_fp32,int4_bf16,fp32,bf16]
+         [--out NAME]
+MODEL may be a smoothed checkpoint (its config.json names smoothquant_plus, which vLLM would apply to
+the dense rows too): --dense-model gives the unsmoothed original for the fp32/bf16 rows.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+KV_CACHE_BYTES = 256 << 20  # every engine's kv_cache_memory_bytes
 CONFIGS = {  # name -> (dtype, quantization)
     "int4_fp32": ("float32", "smoothquant_plus"),
     "int4_bf16": ("bfloat16", "smoothquant_plus"),
@@ -44,7 +53,7 @@ def _worker(model: str, name: str, batches: list[int], tokens: int, reps: int) -
     from vllm import LLM, SamplingParams
     dtype, quant = CONFIGS[name]
     kw = dict(model=model, dtype=dtype, enforce_eager=True, max_model_len=512,
-              kv_cache_memory_bytes=256 << 20, max_num_seqs=max(batches))
+              kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_seqs=max(batches))
     if quant:
         kw["quantization"] = quant
     t0 = time.perf_counter()
@@ -113,6 +122,7 @@ def linear_bytes(model: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
+    ap.add_argument("--dense-model", help="checkpoint for the dense rows (default: MODEL)")
     ap.add_argument("--configs", default="int4_fp32,fp32,bf16,int4_bf16")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=40)
@@ -145,13 +155,14 @@ def main() -> int:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared "
                       f"with other jobs: timings noisy), {platform.platform()}",
            "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
-           "model": a.model, "note": a.note, "tokens": a.tokens, "reps": a.reps,
+           "model": a.model, "dense_model": a.dense_model or a.model, "note": a.note, "tokens": a.tokens, "reps": a.reps,
            "linear_bytes": linear_bytes(a.model), "kernel_backend_vllm": vllm_kernel, "results": results}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     for name in a.configs.split(","):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(_probe)
-        cmd = [sys.executable, __file__, a.model, "--worker", name, "--batches", a.batches,
+        m = a.model if CONFIGS[name][1] else (a.dense_model or a.model)
+        cmd = [sys.executable, __file__, m, "--worker", name, "--batches", a.batches,
                "--tokens", str(a.tokens), "--reps", str(a.reps)]
         print("+", " ".join(cmd), flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
@@ -170,23 +181,37 @@ def main() -> int:
     return 0
 
 
+def _overhead_gib(r: dict, lb: dict) -> float | None:
+    """Anonymous RSS after trim minus model tensors and KV cache (None without a probe)."""
+    pr = r.get("worker_probe", {})
+    anon, tb = pr.get("rss_after_trim_gib", {}).get("RssAnon"), pr.get("tensor_bytes")
+    if anon is None or not tb:
+        return None
+    held = sum(tb.values())
+    if not r.get("quantization"):  # dense linears live outside named parameters: count them from shapes
+        held += lb["bf16_bytes"] * (2 if r["dtype"] == "float32" else 1)
+    return anon - (held + KV_CACHE_BYTES) / 2**30
+
+
 def _markdown(rec: dict) -> str:
     lb = rec["linear_bytes"]
     lines = [f"# vLLM on CPU: smoothquant_plus INT4 vs dense ({rec['date']})", "",
              f"- machine: {rec['machine']}", f"- model: `{rec['model']}` {rec['note']}",
+             f"- dense rows: `{rec.get('dense_model', rec['model'])}`",
              f"- command: `{rec['command']}`",
              f"- decode tok/s = B*(T-8)/(t(T)-t(8)), T={rec['tokens']}, prompt 32 tokens, greedy, "
              f"median of {rec['reps']}; enforce_eager, max_model_len 512",
              f"- kernel_backend=vllm: {rec['kernel_backend_vllm']}",
              "- worker RSS: the vLLM worker process holding the model (KV cache 256 MiB included); "
-             "'linear tensors': bytes of our packed INT4 tensors in that process", "",
+             "'linear tensors': bytes of our packed INT4 tensors in that process; 'engine overhead': anonymous "
+             "RSS after malloc_trim minus model tensors and KV cache (see the module docstring)", "",
              f"Quantized linears ({lb['layers']} layers, g{lb['group_size']}, backend {lb['backend']}): "
              f"{lb['int4_bytes'] / 2**20:.1f} MiB vs BF16 {lb['bf16_bytes'] / 2**20:.1f} MiB = "
              f"**{lb['ratio']:.1%}** of BF16 (goal <= 30%)", ""]
     batches = sorted({b for r in rec["results"] for b in r.get("decode", {})}, key=int)
     lines.append("| config | load s | worker RSS GiB | RSS after malloc_trim | linear tensors MiB | "
-                 + " | ".join(f"tok/s B={b}" for b in batches) + " |")
-    lines.append("|---" * (5 + len(batches)) + "|")
+                 "engine overhead GiB | " + " | ".join(f"tok/s B={b}" for b in batches) + " |")
+    lines.append("|---" * (6 + len(batches)) + "|")
     base = {r["config"]: r for r in rec["results"] if "decode" in r}
     for r in rec["results"]:
         if "error" in r:
@@ -198,9 +223,10 @@ def _markdown(rec: dict) -> str:
         tb = pr.get("tensor_bytes", {})
         # dense: vLLM's CPU linear repacks weights outside named parameters, so not counted
         lin = tb.get("quantized_linear", 0) / 2**20 if tb and r.get("quantization") else None
+        ovh = _overhead_gib(r, lb)
         lines.append(f"| {r['config']} | {r['load_s']:.1f} | {r['rss_worker_gib']:.2f} | "
                      f"{'-' if trim is None else f'{trim:.2f}'} | {'-' if lin is None else f'{lin:.0f}'} | "
-                     + " | ".join(cells) + " |")
+                     f"{'-' if ovh is None else f'{ovh:.2f}'} | " + " | ".join(cells) + " |")
     for q, d in (("int4_fp32", "fp32"), ("int4_bf16", "bf16"), ("int4_fp32", "bf16")):
         if q in base and d in base:
             sp = ", ".join(f"B={b}: {base[q]['decode'][b]['median_tok_s'] / base[d]['decode'][b]['median_tok_s']:.2f}x"
