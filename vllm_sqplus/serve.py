@@ -5,6 +5,10 @@ Runs `python -m vllm.entrypoints.openai.api_server --model MODEL --quantization 
 for a distribution named `vllm`). Anything after MODEL goes to vLLM unchanged, e.g.
   sqplus serve ./qwen-smoothed --host 127.0.0.1 --port 8000 --max-model-len 4096
 Pass --no-quantization-flag to let vLLM detect the method from config.json instead.
+
+On a CPU-only machine, unless the command names --gpu-memory-utilization or --kv-cache-memory-bytes,
+`--gpu-memory-utilization 0.3` is added: on vLLM's CPU backend that flag is the share of *system RAM*
+reserved (KV cache), and its default 0.92 refuses to start as soon as other processes hold 8% of RAM.
 """
 from __future__ import annotations
 
@@ -16,11 +20,23 @@ from vllm_sqplus import QUANT_METHOD
 from vllm_sqplus.errors import SqplusError
 
 
-def server_command(model: str, extra: list[str], quantization_flag: bool = True) -> list[str]:
+CPU_MEMORY_UTILIZATION = "0.3"
+
+
+def _has_flag(extra: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in extra for n in names)
+
+
+def server_command(model: str, extra: list[str], quantization_flag: bool = True,
+                   cpu_only: bool | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    if quantization_flag and not any(a == "--quantization" or a.startswith("--quantization=") or a == "-q"
-                                     for a in extra):
+    if quantization_flag and not _has_flag(extra, "--quantization", "-q"):
         cmd += ["--quantization", QUANT_METHOD]
+    if cpu_only is None:
+        import torch
+        cpu_only = not torch.cuda.is_available()
+    if cpu_only and not _has_flag(extra, "--gpu-memory-utilization", "--kv-cache-memory-bytes"):
+        cmd += ["--gpu-memory-utilization", CPU_MEMORY_UTILIZATION]
     return cmd + list(extra)
 
 
