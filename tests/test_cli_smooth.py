@@ -83,6 +83,9 @@ def test_layer_granularity_records_per_layer_alphas(tmp_path, calib_file):
                  "layer", *FAST]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["alpha_granularity"] == "layer" and len(qc["layer_alphas"]) == 2
+    # the recorded KL is the per-layer choice's (what was written), not the whole-model best's
+    table = json.loads((out / "sqplus_search.json").read_text())
+    assert qc["search"]["kl"] == table["per_layer"]["kl"]
     ids = torch.randint(0, 320, (2, 24))
     ref, new = _logits(src, ids), _logits(out, ids)
     assert float((new - ref).abs().max() / ref.abs().max()) <= 1e-4

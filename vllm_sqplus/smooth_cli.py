@@ -117,8 +117,14 @@ def run(args) -> int:
     rows = {(r["alpha"], r["stat"], r["pairs"]): r for r in res.table}
     rtn = rows[(None, "max", "all")]
     best = rows[(chosen.alpha, chosen.stat, chosen.pairs)]
-    _log(f"search: {len(res.table)} candidates in {res.seconds:.0f}s; chosen {chosen.label} "
-         f"(KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
+    if args.alpha_granularity == "layer":  # what was written is the per-layer choice, not `chosen`
+        best = res.layer_row
+        n_smoothed = sum(c.alpha is not None for c in res.layer_choice)
+        _log(f"search: {len(res.table)} candidates per layer in {res.seconds:.0f}s; per-layer choice smooths "
+             f"{n_smoothed} of {len(res.layer_choice)} layers (KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
+    else:
+        _log(f"search: {len(res.table)} candidates in {res.seconds:.0f}s; chosen {chosen.label} "
+             f"(KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
 
     layer_alphas = [c.alpha for c in res.layer_choice] if res.layer_choice else None
     qcfg = {
