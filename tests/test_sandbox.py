@@ -245,3 +245,16 @@ def test_kill_uid_kills_only_that_uid():
     finally:
         mine.kill()
         mine.wait()
+
+
+def test_interpreter_outside_folders_the_sandbox_hides():
+    """A virtualenv under /tmp (a CI clone there) is hidden by the private tmpfs: the sample must get
+    the real interpreter instead, or its own subprocess.Popen([sys.executable, ...]) fails."""
+    import os
+    import sys
+    from vllm_sqplus.eval import sandbox
+    venv_bin = os.path.dirname(sys.executable)
+    exe = sandbox._interpreter(False, hidden=(venv_bin,))
+    assert not exe.startswith(venv_bin + "/") and os.path.exists(exe)
+    assert sandbox._interpreter(False, hidden=()) == sys.executable
+    assert sandbox._under("/tmp/x/python", ("/tmp",)) and not sandbox._under("/tmpfoo/python", ("/tmp",))

@@ -194,10 +194,25 @@ def isolation() -> dict:
             "uid_drop": root, "nproc": root or os.geteuid() != 0, "root": root}
 
 
-def _interpreter(drop_uid: bool) -> str:
-    """sys.executable, unless the dropped uid could not reach its stdlib (e.g. pyenv under /root):
-    then a system python3, which every user can read."""
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # replaced by empty tmpfs inside the mount namespace
+
+
+def _under(path: str, dirs) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _interpreter(drop_uid: bool, hidden=()) -> str:
+    """sys.executable, unless the sample could not reach it: a path under a folder the sandbox hides
+    (`hidden`: a virtualenv under /tmp, as in a CI clone there, vanishes behind the private tmpfs, so
+    a sample's own `subprocess.Popen([sys.executable, ...])` would fail) resolves to the real
+    interpreter it links to; and when the dropped uid could not reach its stdlib (e.g. pyenv under
+    /root), a system python3 that every user can read. Samples run with -I, so no site-packages
+    are lost either way."""
     exe = sys.executable
+    if _under(exe, hidden) or _under(os.path.abspath(os.path.dirname(exe)), hidden):
+        real = os.path.realpath(exe)
+        exe = real if not _under(real, hidden) else next(
+            (c for c in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3") if os.path.exists(c)), exe)
     if not drop_uid:
         return exe
     def world_readable(path: str) -> bool:
@@ -267,7 +282,7 @@ def run_program(program: str, limits: Limits | None = None, guard: bool = True, 
         os.chown(work, uid, uid)
     else:
         work = host_dir
-    cmd = (ns or []) + [_interpreter(uid is not None), "-I", "-c", RUNNER]
+    cmd = (ns or []) + [_interpreter(uid is not None, PRIVATE_DIRS if ns else ()), "-I", "-c", RUNNER]
     out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
     t0 = time.monotonic()
     timed_out = False
