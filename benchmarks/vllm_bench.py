@@ -9,9 +9,9 @@ One engine per configuration, each in its own subprocess (clean RSS, no leftover
 Linear bytes: computed from the model's shapes (fused qkv / gate_up as vLLM holds them) and the
 packed tensors our CPU kernel keeps (kernels.pack_weights on each distinct shape), vs BF16 bytes.
 
-Engine overhead: the worker's anonymous RSS after malloc_trim minus the model's tensors (dense linears
-counted from the shapes, since vLLM's CPU linear keeps them outside named parameters) and the KV
-cache: what the engine holds besides the model. Equal in the INT4 and dense rows means quantize-at-load
+Engine overhead: the worker's anonymous RSS after malloc_trim minus the model's tensors (fp32 dense
+linears counted from the shapes, since vLLM's CPU fp32 linear keeps them outside named parameters) and
+the KV cache: what the engine holds besides the model. Equal in the INT4 and dense rows means quantize-at-load
 left no full-precision weights behind.
 
   python benchmarks/vllm_bench.py MODEL [--dense-model DIR] [--configs int4_fp32,int4_bf16,fp32,bf16]
@@ -188,7 +188,9 @@ def _overhead_gib(r: dict, lb: dict) -> float | None:
     if anon is None or not tb:
         return None
     held = sum(tb.values())
-    if not r.get("quantization"):  # dense linears live outside named parameters: count them from shapes
+    if not r.get("quantization") and not tb.get("dense_linear"):
+        # vLLM's CPU fp32 linear keeps its (oneDNN-packed) weights outside named parameters: count
+        # them from the shapes; bf16 dense linears are ordinary parameters, already in tensor_bytes
         held += lb["bf16_bytes"] * (2 if r["dtype"] == "float32" else 1)
     return anon - (held + KV_CACHE_BYTES) / 2**30
 

@@ -322,3 +322,19 @@ def test_kernel_backend_vllm_clear_error_where_missing():
     with pytest.raises(SqplusError, match="kernel_backend=vllm"):
         _method(kernel_backend="vllm").create_weights(torch.nn.Module(), 256, [256], 256, 256,
                                                       torch.float32)
+
+
+def test_freed_weights_are_trimmed_every_64_mib(monkeypatch):
+    import ctypes
+    from vllm_sqplus import vllm_compat as vc
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(vc, "_FREED_SINCE_TRIM", [0])
+    vc._release_freed_cpu_memory(40 << 20)
+    assert calls == []
+    vc._release_freed_cpu_memory(40 << 20)  # 80 MiB freed: one trim, counter reset
+    assert calls == [0] and vc._FREED_SINCE_TRIM == [0]
