@@ -11,13 +11,11 @@ Writes benchmarks/results/latency[_TAG].json and .png; prints a table.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
-from throughput import (checked_engines, common_parser, machine, make_llm, random_prompts, run_engine, save,
-                        table, worker_main)
+from throughput import checked_engines, common_parser, make_llm, random_prompts, report, run_engines, worker_main
 
 
 def run_latency(spec: dict) -> dict:
@@ -59,23 +57,13 @@ def main(argv=None) -> int:
         ap.error("--output-len must be at least 2")
     common = {"model": model, "input_len": args.input_len, "output_len": args.output_len,
               "iters": args.iters, "dtype": args.dtype, "kv_cache_bytes": args.kv_cache_bytes}
-    rows = []
-    for e in engines:
-        print(f"[latency] {e} ...", file=sys.stderr, flush=True)
-        rows.append(run_engine(__file__, "run_latency", e, common, args.timeout))
-        print(f"[latency] {e}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    rows = run_engines(__file__, "run_latency", "latency", engines, common, args.timeout)
     cols = [("tpot_ms", "ms/token", ".1f"), ("decode_tok_per_s", "tok/s", ".1f"), ("ttft_ms", "TTFT ms", ".1f"),
             ("load_s", "load s", ".1f")]
-    print(f"latency (batch 1): in {args.input_len}, out {args.output_len}, median of {args.iters}, {args.model}")
-    print(table(rows, cols, "decode_tok_per_s"))
-    name = "latency" + (f"_{args.tag}" if args.tag else "")
-    payload = {"benchmark": "latency", "machine": machine(), "command": "python " + " ".join(sys.argv),
-               "config": common, "results": rows}
-    j, p = save(name, payload, rows, "tpot_ms", "ms per output token (batch 1)",
-                f"batch-1 decode latency, in {args.input_len}, out {args.output_len}")
-    print(f"wrote {j} and {p}")
-    return 0
-
+    return report("latency", args, common, rows, cols, "decode_tok_per_s",
+                  f"latency (batch 1): in {args.input_len}, out {args.output_len}, median of {args.iters}, {args.model}",
+                  "ms per output token (batch 1)", f"batch-1 decode latency, in {args.input_len}, out {args.output_len}",
+                  plot_metric="tpot_ms")
 
 if __name__ == "__main__":
     sys.exit(main())

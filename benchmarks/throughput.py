@@ -202,6 +202,29 @@ def checked_engines(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     return engines, model
 
 
+def run_engines(script: str, func: str, label: str, engines: list[str], common: dict, timeout_s: int) -> list[dict]:
+    """Each engine in turn, in its own process (run_engine), with progress on stderr."""
+    rows = []
+    for e in engines:
+        print(f"[{label}] {e} ...", file=sys.stderr, flush=True)
+        rows.append(run_engine(script, func, e, common, timeout_s))
+        print(f"[{label}] {e}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
+
+
+def report(label: str, args, common: dict, rows: list[dict], cols, metric: str, header: str, ylabel: str,
+           title: str, plot_metric: str | None = None) -> int:
+    """Print the table, write benchmarks/results/<label>[_<tag>].json and .png."""
+    print(header)
+    print(table(rows, cols, metric))
+    name = label + (f"_{args.tag}" if args.tag else "")
+    payload = {"benchmark": label, "machine": machine(), "command": "python " + " ".join(sys.argv),
+               "config": common, "results": rows}
+    j, p = save(name, payload, rows, plot_metric or metric, ylabel, title)
+    print(f"wrote {j} and {p}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = common_parser(__doc__, output_len=128, kv_cache_bytes=1 << 30)
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -211,23 +234,12 @@ def main(argv=None) -> int:
     engines, model = checked_engines(ap, args)
     common = {"model": model, "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "dtype": args.dtype, "kv_cache_bytes": args.kv_cache_bytes}
-    rows = []
-    for e in engines:
-        print(f"[throughput] {e} ...", file=sys.stderr, flush=True)
-        rows.append(run_engine(__file__, "run_throughput", e, common, args.timeout))
-        print(f"[throughput] {e}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    rows = run_engines(__file__, "run_throughput", "throughput", engines, common, args.timeout)
     cols = [("output_tok_per_s", "out tok/s", ".1f"), ("total_tok_per_s", "total tok/s", ".1f"),
             ("requests_per_s", "req/s", ".3f"), ("elapsed_s", "seconds", ".1f"), ("load_s", "load s", ".1f")]
-    print(f"throughput: {args.num_prompts} prompts x (in {args.input_len}, out {args.output_len}), {args.model}")
-    print(table(rows, cols, "output_tok_per_s"))
-    name = "throughput" + (f"_{args.tag}" if args.tag else "")
-    payload = {"benchmark": "throughput", "machine": machine(), "command": "python " + " ".join(sys.argv),
-               "config": common, "results": rows}
-    j, p = save(name, payload, rows, "output_tok_per_s", "output tokens/s",
-                f"offline throughput, {args.num_prompts}x(in {args.input_len}, out {args.output_len})")
-    print(f"wrote {j} and {p}")
-    return 0
-
+    return report("throughput", args, common, rows, cols, "output_tok_per_s",
+                  f"throughput: {args.num_prompts} prompts x (in {args.input_len}, out {args.output_len}), {args.model}",
+                  "output tokens/s", f"offline throughput, {args.num_prompts}x(in {args.input_len}, out {args.output_len})")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -178,3 +178,24 @@ def test_benchmark_clis_share_checked_options(capsys):
     with pytest.raises(SystemExit):
         latency.main(["--model", "m", "--output-len", "1"])
     assert "--output-len must be at least 2" in capsys.readouterr().err
+
+
+def test_benchmark_report_writes_json_and_plot(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import throughput as tp
+    monkeypatch.setattr(tp, "RESULTS", tmp_path)
+    monkeypatch.setattr(tp, "machine", lambda: {"cpu": "test"})
+    rows = [{"engine": "fp32", "status": "ok", "tps": 4.0, "ms": 250.0},
+            {"engine": "sqplus", "status": "ok", "tps": 12.0, "ms": 83.3},
+            {"engine": "vllm-w4a16", "status": "unavailable", "reason": "no kernel"}]
+    assert tp.report("latency", argparse.Namespace(tag="t"), {"model": "m"}, rows, [("tps", "tok/s", ".1f")],
+                     "tps", "HEADER", "ms", "title", plot_metric="ms") == 0
+    out = capsys.readouterr().out
+    assert "HEADER" in out and "3.00x" in out and "unavailable" in out
+    rec = json.loads((tmp_path / "latency_t.json").read_text())
+    assert rec["benchmark"] == "latency" and rec["results"] == rows and rec["config"] == {"model": "m"}
+    assert (tmp_path / "latency_t.png").stat().st_size > 1000
