@@ -64,7 +64,6 @@ def _worker(model: str, name: str, batches: list[int], tokens: int, reps: int) -
     import psutil
     rss_main = psutil.Process().memory_info().rss
     try:
-        from vllm_sqplus.vllm_compat import memory_report  # importable in the worker
         probe = llm.apply_model(memory_report)[0]
     except Exception as e:  # noqa: BLE001 - recorded, the timing still runs
         probe = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -87,6 +86,38 @@ def _worker(model: str, name: str, batches: list[int], tokens: int, reps: int) -
     return {"config": name, "dtype": dtype, "quantization": quant, "load_s": load_s,
             "rss_worker_gib": rss_worker / 2**30, "rss_engine_total_gib": rss_all / 2**30,
             "rss_frontend_gib": rss_main / 2**30, "worker_probe": probe, "decode": decode}
+
+
+def memory_report(model) -> dict:
+    """Bytes held by the loaded model by kind, and this process's RSS before/after malloc_trim.
+
+    For `LLM.apply_model(memory_report)`: the full-precision weights freed while loading can stay
+    in glibc's heap until trimmed, so RSS alone overstates what the model holds. Self-contained
+    (imports inside) so that it also runs when shipped to an engine process by value.
+    """
+    import ctypes
+
+    def status() -> dict:
+        with open("/proc/self/status") as f:
+            rows = [line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))]
+        return {k: int(v.split()[0]) / 2**20 for k, v in rows}  # kB -> GiB
+    kinds = {"quantized_linear": 0, "dense_linear": 0, "embed_lm_head": 0, "other": 0}
+    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+        b, leaf = p.numel() * p.element_size(), n.rsplit(".", 1)[-1]
+        if leaf.startswith("sq_") or leaf in ("weight_packed", "weight_scale", "weight_zero_point"):
+            kinds["quantized_linear"] += b
+        elif "embed" in n or "lm_head" in n:
+            kinds["embed_lm_head"] += b
+        elif leaf == "weight" and p.dim() == 2:
+            kinds["dense_linear"] += b
+        else:
+            kinds["other"] += b
+    before = status()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    return {"tensor_bytes": kinds, "rss_gib": before, "rss_after_trim_gib": status()}
 
 
 def linear_bytes(model: str) -> dict:

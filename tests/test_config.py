@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from vllm_sqplus.config import ENV_BACKEND, parse_config
+from vllm_sqplus.config import (ENV_BACKEND, GROUP_SIZES, SqplusConfig, check_group_size_supported,
+                                group_size_supported, parse_config)
 from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.export import pack_nibbles, quantize_checkpoint, unpack_nibbles
 from vllm_sqplus.quant import quantize_int4
@@ -56,6 +57,49 @@ def test_env_var_overrides_kernel_backend():
         parse_config({**QM}, env={ENV_BACKEND: "fast"})
 
 
+# ---- the one group-size rule ------------------------------------------------------------------------
+@pytest.mark.parametrize("k,g,eff", [(4096, 128, 128), (896, 64, 64), (864, 32, 32), (100, -1, 100)])
+def test_group_size_rule_accepts(k, g, eff):
+    assert group_size_supported(k, g) == (True, "")
+    assert check_group_size_supported(k, g, "layers.0.mlp.down_proj") == eff
+
+
+@pytest.mark.parametrize("k,g,match", [
+    (4096, 16, r"group_size must be one of \[32, 64, 128, -1\], got 16"),   # divides K, still refused
+    (4096, 256, "got 256"),
+    (4096, True, "got True"),
+    (4096, "128", "got '128'"),
+    (864, 128, r"layers.0.mlp.down_proj: in_features 864 is not a multiple of group_size 128; "
+               r"group sizes that fit: \[32\]"),
+    (100, 32, r"in_features 100 is not a multiple of group_size 32; use group_size -1"),
+])
+def test_group_size_rule_rejects_with_one_line(k, g, match):
+    ok, why = group_size_supported(k, g)
+    assert not ok and "\n" not in why
+    with pytest.raises(SqplusError, match=match):
+        check_group_size_supported(k, g, "layers.0.mlp.down_proj")
+
+
+def test_config_group_sizes_are_the_rule():
+    for g in GROUP_SIZES:
+        assert parse_config({**QM, "group_size": g}, env={}).group_size == g
+    with pytest.raises(SqplusError, match=r"group_size must be one of \[32, 64, 128, -1\], got 16"):
+        parse_config({**QM, "group_size": 16}, env={})
+
+
+# ---- the one writer ----------------------------------------------------------------------------------
+def test_to_dict_round_trips_and_keeps_extra_keys():
+    c = SqplusConfig(group_size=64, zero_point=False, modules_to_not_convert=["lm_head"])
+    d = c.to_dict(extra={"alpha": 0.55, "group_size": 999, "kernel_backend": "auto"})
+    assert d == {"alpha": 0.55, "quant_method": "smoothquant_plus", "bits": 4, "group_size": 64,
+                 "zero_point": False, "modules_to_not_convert": ["lm_head"], "format": "smoothed"}
+    back = parse_config(d, env={})
+    assert back == c  # the reader gives back what the writer was given
+    assert SqplusConfig(kernel_backend="sqplus").to_dict()["kernel_backend"] == "sqplus"
+    # an environment override is a run's choice, never written: parse with env, write -> no key
+    assert "kernel_backend" not in parse_config(d, env={ENV_BACKEND: "auto"}).to_dict()
+
+
 def test_pack_nibbles_round_trip_and_layout():
     q = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
     p = pack_nibbles(q)
@@ -73,6 +117,7 @@ def test_export_writes_exact_codes_and_leaves_input_alone(tmp_path):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "packed" and qc["group_size"] == 64 and qc["quant_method"] == "smoothquant_plus"
+    assert qc == parse_config(qc, env={}).to_dict()  # written by SqplusConfig.to_dict, nothing else
     w_in, w_out = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
     name = "model.layers.1.self_attn.k_proj"
     q, s, z = quantize_int4(w_in[name + ".weight"], 64, True)

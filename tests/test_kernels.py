@@ -5,10 +5,10 @@ Tolerances (max|y - ref| / max|ref|, ref computed in float32 from the same codes
   float16 x: 1.5e-3 (output rounding to float16, 2^-11 relative per element)
   bfloat16 x: 8e-3  (output rounding to bfloat16, 2^-8 relative per element)
 The activations are rounded to x.dtype before the reference sees them, so only the output
-rounding separates the two. Every ISA this CPU has is run (SQPLUS_CPU_ISA forces one).
+rounding separates the two. Every ISA this CPU has is run (CpuBackend(isa=...) picks one).
+Also here: the backend objects' choice (choose_backend, can_implement) and their errors.
 """
 import functools
-import os
 import subprocess
 import sys
 import warnings
@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from vllm_sqplus.errors import SqplusError
-from vllm_sqplus.kernels import (W4A16Linear, available_backends, ops, pack_weights,
-                                 resolve_backend, w4a16_matmul)
+from vllm_sqplus.kernels import (CpuBackend, CudaBackend, W4A16Linear, available_backends,
+                                 choose_backend, ops, pack_weights, resolve_backend, w4a16_matmul)
+from vllm_sqplus.kernels import backends
 from vllm_sqplus.kernels.cpu_layout import pack_cpu_reference, unpack_cpu
-from vllm_sqplus.quant import QuantError, dequantize_int4, quantize_int4
+from vllm_sqplus.quant import dequantize_int4, quantize_int4
 
 needs_ext = pytest.mark.skipif(not ops.has_kernel("cpu"),
                                reason=f"sqplus CPU kernel not built: {ops.LOAD_ERROR}")
@@ -41,9 +42,13 @@ ISAS = ["scalar",
 
 
 @pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SQPLUS_CPU_ISA", request.param)
-    return request.param
+def cpu(request):
+    """The CPU backend forced to one ISA (needs the extension)."""
+    if not ops.has_kernel("cpu"):
+        pytest.skip(f"sqplus CPU kernel not built: {ops.LOAD_ERROR}")
+    b = CpuBackend(isa=request.param)
+    assert b.isa == request.param and b.code == backends.CPU_ISAS[request.param]
+    return b
 
 
 @functools.lru_cache(maxsize=16)  # quantizing the big shapes dominates the suite: once per shape
@@ -86,14 +91,14 @@ BIG = [(1, 4096, 4096, 128), (16, 4672, 4160, 64), (3, 1000, 5120, 128), (33, 40
 @needs_ext
 @pytest.mark.parametrize("m,n,k,g", SHAPES + BIG)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gemm_matches_reference(isa, m, n, k, g, dtype):
-    if isa == "scalar" and n * k > 2**20 and dtype != torch.float32:
+def test_gemm_matches_reference(cpu, m, n, k, g, dtype):
+    if cpu.isa == "scalar" and n * k > 2**20 and dtype != torch.float32:
         pytest.skip("scalar path on big shapes: float32 only (keeps the suite fast)")
     zero_point, bias = (m + n) % 2 == 0, n % 3 != 1  # vary both without squaring the test count
     x, q, s, z, b, ref = _problem(m, n, k, g, zero_point, dtype, bias)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
     _poison(m * n, dtype)
-    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, cpu.code)
     assert y.dtype == dtype and y.shape == (m, n)
     assert _rel_err(y, ref) < TOL[dtype]
 
@@ -101,11 +106,11 @@ def test_gemm_matches_reference(isa, m, n, k, g, dtype):
 @needs_ext
 @pytest.mark.parametrize("zero_point", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_zero_point_and_bias(isa, zero_point, bias):
+def test_zero_point_and_bias(cpu, zero_point, bias):
     x, q, s, z, b, ref = _problem(5, 192, 256, 64, zero_point, torch.float32, bias, seed=3)
     if not zero_point:
         assert (z == 8).all()
-    y = w4a16_matmul(x, pack_weights(q, s, z, 64, "sqplus"), 64, "sqplus", b)
+    y = w4a16_matmul(x, pack_weights(q, s, z, 64, cpu), 64, cpu, b)
     assert _rel_err(y, ref) < TOL[torch.float32]
 
 
@@ -156,11 +161,11 @@ def test_all_isas_agree():
     for isa in ["scalar", "avx2", "avx512"]:
         if isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw"):
             continue
-        os.environ["SQPLUS_CPU_ISA"] = isa
-        try:
-            outs[isa] = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 128, b)
-        finally:
-            del os.environ["SQPLUS_CPU_ISA"]
+        outs[isa] = CpuBackend(isa).apply(x, {"qweight": qw, "scales": sp, "zeros": zp}, 128, b)
+    assert len(outs) >= 2 or not _cpu_has("avx2"), outs.keys()
+    # kernel 0 is the best ISA, the one CpuBackend("auto") names
+    best = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 128, b, 0)
+    assert torch.equal(best, outs[CpuBackend("auto").isa])
     for y in outs.values():
         torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
@@ -172,6 +177,7 @@ def test_opcheck():
     packed = torch.ops.sqplus.w4a16_pack(q, s, z, 64)
     torch.library.opcheck(torch.ops.sqplus.w4a16_gemm.default, (x, *packed, 64, b))
     torch.library.opcheck(torch.ops.sqplus.w4a16_gemm.default, (x.float(), *packed, 64, None))
+    torch.library.opcheck(torch.ops.sqplus.w4a16_gemm.default, (x, *packed, 64, b, 1))
 
 
 @needs_ext
@@ -180,7 +186,7 @@ def test_errors():
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 64)
     with pytest.raises(RuntimeError, match=r"not divisible by group_size 48"):
         torch.ops.sqplus.w4a16_pack(q, s, z, 48)
-    with pytest.raises(QuantError, match="not divisible"):
+    with pytest.raises(SqplusError, match=r"group_size must be one of \[32, 64, 128, -1\], got 48"):
         pack_weights(q, s, z, 48, "sqplus")
     with pytest.raises(RuntimeError, match=r"does not match qweight"):
         torch.ops.sqplus.w4a16_gemm(x[:, :128], qw, sp, zp, 64)
@@ -198,16 +204,25 @@ def test_errors():
         torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 64, torch.zeros(65))
     with pytest.raises(SqplusError, match="must be float32, bfloat16 or float16"):
         w4a16_matmul(x.to(torch.int32), {"qweight": qw, "scales": sp, "zeros": zp}, 64)
-    with pytest.raises(SqplusError, match="packed for 'sqplus'"):
+    with pytest.raises(SqplusError, match=r"backend 'reference' runs on \['q', 'scales', 'zeros'\]"):
         w4a16_matmul(x, {"qweight": qw, "scales": sp, "zeros": zp}, 64, "reference")
     with pytest.raises(SqplusError, match="unknown W4A16 backend"):
         resolve_backend("marlin", "cpu")
-    os.environ["SQPLUS_CPU_ISA"] = "sse"
-    try:
-        with pytest.raises(RuntimeError, match="SQPLUS_CPU_ISA must be"):
-            torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 64)
-    finally:
-        del os.environ["SQPLUS_CPU_ISA"]
+    with pytest.raises(RuntimeError, match=r"kernel must be 0 \(best\), 1 \(scalar\)"):
+        torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, 64, None, 7)
+
+
+def test_cpu_isa_env_is_read_once_at_construction(monkeypatch):
+    monkeypatch.setenv("SQPLUS_CPU_ISA", "sse")
+    with pytest.raises(SqplusError, match="SQPLUS_CPU_ISA must be scalar, avx2 or avx512, got 'sse'"):
+        CpuBackend()
+    monkeypatch.setenv("SQPLUS_CPU_ISA", "scalar")
+    b = CpuBackend()
+    monkeypatch.delenv("SQPLUS_CPU_ISA")  # changing the env later changes nothing
+    assert b.isa == "scalar" and (b.code == 1 or b.unavailable)
+    if ops.has_kernel("cpu") and not _cpu_has("avx512bw"):
+        with pytest.raises(SqplusError, match="this CPU has no AVX512"):
+            CpuBackend("avx512")
 
 
 @needs_ext
@@ -228,14 +243,91 @@ def test_reference_backend_matches_dequant():
 
 
 def test_auto_warns_once_where_no_kernel(monkeypatch):
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         assert resolve_backend("auto", "meta") == "reference"
         assert resolve_backend("auto", "meta") == "reference"
-    assert len([w for w in rec if "no compiled W4A16 kernel" in str(w.message)]) == 1
+    assert len([w for w in rec if "no W4A16 kernel for device 'meta'" in str(w.message)]) == 1
     with pytest.raises(SqplusError, match="not available on device 'meta'"):
         resolve_backend("sqplus", "meta")
+
+
+# ---- choosing a backend per layer shape (vllm_sqplus.kernels.backends) -------------------------------
+@pytest.mark.parametrize("g", [16, 48, 96, 256, 0])
+def test_group_rule_is_every_backends_rule(g):
+    # config.GROUP_SIZES is the one rule: no backend accepts 16 although the CPU kernel could run it
+    for b in (backends.REFERENCE, CpuBackend("scalar") if ops.has_kernel("cpu") else CpuBackend(),
+              CudaBackend()):
+        ok, why = b.can_implement(64, 768, g, torch.float32, "cuda" if b.name == "cuda" else "cpu")
+        assert not ok and "group_size must be one of [32, 64, 128, -1]" in why, (b, why)
+    with pytest.raises(SqplusError, match=f"kernel_backend=reference cannot run .*got {g}"):
+        choose_backend("reference", n=64, k=768, group=g, act_dtype=torch.float32, device="cpu")
+
+
+@needs_ext
+def test_auto_chooses_our_cpu_kernel_and_explicit_reference():
+    c = choose_backend("auto", n=100, k=192, group=64, act_dtype=torch.bfloat16, device="cpu")
+    assert c.backend.name == "cpu" and c.fallbacks == ()
+    c = choose_backend("reference", n=100, k=192, group=64, act_dtype=torch.bfloat16, device="cpu")
+    assert c.backend.name == "reference"
+    lin = W4A16Linear.from_quantized(*_quantized(64, 256, 64, True, 0)[:3], 64)
+    assert lin.backend.name == "cpu" and lin.backend.isa == CpuBackend().isa
+
+
+class _FakeCudaShapes:
+    """Answers as a CUDA machine would (capability, kernel present) without a GPU."""
+
+    def __init__(self, monkeypatch, cap=(9, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: cap)
+        self.b = CudaBackend()
+        self.b.unavailable = None
+
+
+@pytest.mark.parametrize("n,k,g,why", [
+    (100, 256, 64, "N a multiple of 64"),
+    (128, 80, -1, "multiple of 32, got 80"),       # per-channel group = K = 80
+    (128, 192, 96, "group_size must be one of"),
+])
+def test_cuda_can_implement_rules(monkeypatch, n, k, g, why):
+    b = _FakeCudaShapes(monkeypatch).b
+    ok, reason = b.can_implement(n, k, g, torch.float16, "cuda")
+    assert not ok and why in reason, reason
+    assert b.can_implement(128, 256, 64, torch.float16, "cuda") == (True, "")
+    assert not b.can_implement(128, 256, 64, torch.float16, "cpu")[0]
+
+
+def test_cuda_below_sm80_falls_back_in_auto_and_fails_explicit(monkeypatch):
+    """get_min_capability says 60: on sm_75 our kernel declines and auto takes the next backend."""
+    b = _FakeCudaShapes(monkeypatch, cap=(7, 5)).b
+    monkeypatch.setitem(backends._OURS, "cuda", b)
+    ok, why = b.can_implement(128, 256, 64, torch.float16, "cuda")
+    assert not ok and "needs sm_80 or newer" in why and "sm_75" in why
+    c = choose_backend("auto", n=128, k=256, group=64, act_dtype=torch.float16, device="cuda")
+    assert c.backend.name == "reference" and c.fallbacks[0][0] == "cuda" and "sm_75" in c.reason()
+    with pytest.raises(SqplusError, match=r"kernel_backend=sqplus cannot run .*sm_80.*kernel_backend auto"):
+        choose_backend("sqplus", n=128, k=256, group=64, act_dtype=torch.float16, device="cuda")
+    with pytest.raises(SqplusError, match="N a multiple of 64"):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+        choose_backend("sqplus", n=100, k=256, group=64, act_dtype=torch.float16, device="cuda")
+
+
+def test_cuda_path_and_threshold_decided_at_construction(monkeypatch):
+    monkeypatch.setenv("SQPLUS_CUDA_DEQUANT_M", "33")
+    b = CudaBackend()
+    monkeypatch.delenv("SQPLUS_CUDA_DEQUANT_M")
+    calls = []
+    monkeypatch.setattr(torch.ops.sqplus, "w4a16_gemm", lambda *a: calls.append(a[-1]) or a[0],
+                        raising=False)
+    for m in (1, 32, 33):
+        b.apply(torch.zeros(m, 64), {"qweight": None, "scales": None, "zeros": None}, 64)
+    assert calls == [1, 1, 2] and b.dequant_m == 33
+    assert CudaBackend(path="stream").code == 1 and CudaBackend(path="dequant").code == 2
+    with pytest.raises(SqplusError, match="path must be one of"):
+        CudaBackend(path="fast")
+    monkeypatch.setenv("SQPLUS_CUDA_DEQUANT_M", "x")
+    with pytest.raises(SqplusError, match="SQPLUS_CUDA_DEQUANT_M must be a positive integer"):
+        CudaBackend()
 
 
 def test_import_without_extension():
@@ -249,7 +341,7 @@ def test_import_without_extension():
             "    lin = W4A16Linear.from_quantized(q, s, z, 32)\n"
             "    W4A16Linear.from_quantized(q, s, z, 32)\n"
             "    y = lin(torch.randn(2, 64))\n"
-            "assert available_backends() == ['reference'] and lin.backend == 'reference'\n"
+            "assert available_backends() == ['reference'] and lin.backend.name == 'reference'\n"
             "assert y.shape == (2, 8) and len(rec) == 1, rec\n"
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

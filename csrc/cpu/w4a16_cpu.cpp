@@ -1,17 +1,17 @@
-// CPU implementations of sqplus::w4a16_pack and sqplus::w4a16_gemm (schemas: csrc/ops.cpp).
-// Packed layout, math and blocking: w4a16_cpu.h. This file holds the torch glue: checks whose
-// messages print the shapes, the packing routine, activation pre-processing, the split of N across
-// threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the scalar fallback
-// and the run-time choice of ISA (AVX-512 > AVX2+FMA > scalar; SQPLUS_CPU_ISA=scalar|avx2|avx512
-// forces one, for tests and benchmarks).
+// CPU implementations of sqplus::w4a16_pack and sqplus::w4a16_gemm (schemas: csrc/ops.cpp), and
+// sqplus::w4a16_cpu_isa. Packed layout, math and blocking: w4a16_cpu.h. This file holds the torch
+// glue: checks whose messages print the shapes, the packing routine, activation pre-processing, the
+// split of N across threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the
+// scalar fallback and the ISA table. Which ISA runs is the caller's argument (`kernel`: 0 = best this
+// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512), decided once in Python by the CPU backend
+// (vllm_sqplus/kernels/backends.py, which also reads the forcing env var, once); w4a16_cpu_isa() tells it
+// the best code this CPU supports (cpuid, read once per process).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "w4a16_cpu.h"
@@ -46,32 +46,46 @@ void tile_scalar(const TileProblem& p) {
   }
 }
 
+// Best kernel code this CPU supports: 3 avx512, 2 avx2, 1 scalar.
+int64_t best_isa();
+
 namespace {
 
 using TileFn = void (*)(const TileProblem&);
 
-// Chosen per call (a getenv is ~100 ns) so tests can force each path in one process.
-TileFn pick_kernel(const char** name) {
-  const char* force = std::getenv("SQPLUS_CPU_ISA");
-  const std::string want = force ? force : "";
-  __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (want == "scalar") { *name = "scalar"; return tile_scalar; }
-  if (want == "avx2") {
-    TORCH_CHECK(has2, "SQPLUS_CPU_ISA=avx2 but this CPU has no AVX2+FMA");
-    *name = "avx2"; return tile_avx2;
+struct CpuIsa {
+  bool avx2, avx512;
+};
+
+// cpuid once per process (the answer cannot change while it runs)
+const CpuIsa& cpu_isa() {
+  static const CpuIsa isa = [] {
+    __builtin_cpu_init();
+    return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                  __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl")};
+  }();
+  return isa;
+}
+
+// kernel code (see the file header) -> tile function; 0 = the best this CPU has
+TileFn tile_fn(int64_t kernel) {
+  if (kernel == 0) kernel = best_isa();
+  switch (kernel) {
+    case 1:
+      return tile_scalar;
+    case 2:
+      TORCH_CHECK(cpu_isa().avx2, "w4a16_gemm: kernel 2 (avx2) asked, but this CPU has no AVX2+FMA");
+      return tile_avx2;
+    case 3:
+      TORCH_CHECK(cpu_isa().avx512,
+                  "w4a16_gemm: kernel 3 (avx512) asked, but this CPU has no AVX-512 (f, bw, vl)");
+      return tile_avx512;
+    default:
+      TORCH_CHECK(false, "w4a16_gemm: kernel must be 0 (best), 1 (scalar), 2 (avx2) or 3 (avx512), got ",
+                  kernel);
   }
-  if (want == "avx512") {
-    TORCH_CHECK(has512, "SQPLUS_CPU_ISA=avx512 but this CPU has no AVX-512 (f, bw, vl)");
-    *name = "avx512"; return tile_avx512;
-  }
-  TORCH_CHECK(want.empty(), "SQPLUS_CPU_ISA must be scalar, avx2 or avx512, got '", want, "'");
-  if (has512) { *name = "avx512"; return tile_avx512; }
-  if (has2) { *name = "avx2"; return tile_avx2; }
-  *name = "scalar";
-  return tile_scalar;
+  return tile_scalar;  // unreachable
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -133,9 +147,11 @@ std::vector<at::Tensor> w4a16_pack_cpu(const at::Tensor& q, const at::Tensor& sc
 }
 
 // x [..., K] (f32/bf16/f16) -> [..., N] in x.dtype = x @ ((q - z) * s).T + bias
+int64_t best_isa() { return cpu_isa().avx512 ? 3 : cpu_isa().avx2 ? 2 : 1; }
+
 at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t group_size,
-                          const c10::optional<at::Tensor>& bias) {
+                          const c10::optional<at::Tensor>& bias, int64_t kernel_code) {
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
               "w4a16_gemm: x must be float32, bfloat16 or float16, got ", xt, " ", x.sizes());
@@ -208,8 +224,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     });
   });
 
-  const char* isa = nullptr;
-  const TileFn kernel = pick_kernel(&isa);
+  const TileFn kernel = tile_fn(kernel_code);
   const int64_t Nt = ceil_div(N, kTileN);
   const float* sp = scales.contiguous().data_ptr<float>();
   const float* zp = zeros.contiguous().data_ptr<float>();
@@ -252,6 +267,9 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
 }
 
 }  // namespace sqplus_cpu
+
+// No tensor argument, so a catch-all kernel (the pattern of torchvision's _cuda_version).
+TORCH_LIBRARY_FRAGMENT(sqplus, m) { m.def("w4a16_cpu_isa", &sqplus_cpu::best_isa); }
 
 TORCH_LIBRARY_IMPL(sqplus, CPU, m) {
   m.impl("w4a16_pack", &sqplus_cpu::w4a16_pack_cpu);

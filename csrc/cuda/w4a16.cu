@@ -21,7 +21,7 @@
 //
 // Paths of w4a16_gemm (x [M, K] after flattening; float32 x always takes the cuBLAS path with
 // exact fp32 weights):
-//   M <= 16 (env SQPLUS_CUDA_DEQUANT_M=17): "stream" kernel. Grid = (N/64 strips, split-K, M blocks of
+//   M <= 16 (kernel 0; kernel 1 forces it): "stream" kernel. Grid = (N/64 strips, split-K, M blocks of
 //     16 or 32 rows). Each warp owns a batch of 8 k-steps of one strip, issues its 8 x 512 B weight
 //     loads and the batch's scales/zeros before using any, dequantizes in registers and issues
 //     8 mma.sync per k-step (fp32 accumulate); rows >= M are zero and never loaded. Warps reduce
@@ -29,7 +29,7 @@
 //     (atomic counter, which it resets) sums them in a fixed order, adds the bias, writes x.dtype.
 //     One launch per call. Measured (benchmarks/results/kernels_cuda.md): issue-bound, not yet at
 //     HBM bandwidth (see there for why and what is next).
-//   M >= 17: "dequant" kernel writes W [N, K] in x.dtype, then cuBLAS (at::linear). The extra pass
+//   M >= 17 (kernel 0; kernel 2 forces it): "dequant" kernel writes W [N, K] in x.dtype, then cuBLAS (at::linear). The extra pass
 //     costs 2*N*K bytes of traffic: ~0.75x cuBLAS at M=1024, ~0.9x at M=4096. (vLLM's AWQ path does
 //     the same above 256 tokens.) A fused wgmma kernel would remove that cost.
 // Narrow ATen headers (not ATen/ATen.h): they halve the host compile time.
@@ -490,13 +490,8 @@ static void launch_stream(const at::Tensor& x, const at::Tensor& qw, const at::T
   const int mblocks = (M + 16 * MT - 1) / (16 * MT);
   const int batches = (KS + kBatch - 1) / kBatch;  // per strip
   // One batch per warp unless that makes more than ~4 waves of 16 warps per SM (then 2, halving
-  // split-K partial traffic); shared memory for x caps nb at 2/MT. SQPLUS_CUDA_NB overrides.
-  static const int nb_env = [] {
-    const char* e = std::getenv("SQPLUS_CUDA_NB");
-    return e ? std::atoi(e) : 0;
-  }();
+  // split-K partial traffic); shared memory for x caps nb at 2/MT.
   int nb = (long)strips * mblocks * batches > 4L * num_sms(x.get_device()) * 16 ? 2 : 1;
-  if (nb_env > 0) nb = nb_env;
   nb = std::max(1, std::min(nb, 2 / MT));
   const int splits = (batches + kWarps * nb - 1) / (kWarps * nb);
   const int kchunk = kWarps * nb * kBatch * kKStep;
@@ -533,19 +528,16 @@ static at::Tensor dequant(const at::Tensor& qw, const at::Tensor& s, const at::T
   return w;
 }
 
-// Rows at or above which the cuBLAS path runs (env SQPLUS_CUDA_DEQUANT_M overrides).
-static int64_t dequant_threshold() {
-  static int64_t v = [] {
-    const char* e = std::getenv("SQPLUS_CUDA_DEQUANT_M");
-    return e ? std::atoll(e) : (int64_t)17;  // measured: M=32 stream 2x slower than this path
-  }();
-  return v;
-}
+// Rows at or above which kernel 0 takes the cuBLAS path (measured: M=32 stream 2x slower than it).
+// The Python CUDA backend may choose another threshold; it then passes kernel 1 or 2 per call.
+constexpr int64_t kDequantM = 17;
 
-// path: 0 auto, 1 stream kernel, 2 dequant + cuBLAS.
-at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+// kernel (the `path`): 0 by rows, 1 stream kernel, 2 dequant + cuBLAS (csrc/ops.cpp).
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t group_size,
                            const c10::optional<at::Tensor>& bias, int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2, "sqplus w4a16_gemm (CUDA): kernel must be 0 (by rows), 1 (stream) "
+              "or 2 (dequant + cuBLAS), got ", std::to_string(path));
   TORCH_CHECK(x.is_cuda(), "sqplus w4a16_gemm (CUDA): x must be on CUDA");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
                   x.scalar_type() == at::kFloat,
@@ -581,7 +573,7 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
   if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty(out_shape, x.options());
-  if (path == 0) path = M >= dequant_threshold() ? 2 : 1;
+  if (path == 0) path = M >= kDequantM ? 2 : 1;
   at::Tensor out;
   if (x.scalar_type() == at::kFloat) {  // no float tensor-core path: exact fp32 weights + cuBLAS
     at::Tensor w = dequant<float>(qweight, s, z, N, K, group_size, x.options());
@@ -607,12 +599,6 @@ at::Tensor w4a16_gemm_path(const at::Tensor& x, const at::Tensor& qweight, const
   return out.view(out_shape);
 }
 
-at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size,
-                           const c10::optional<at::Tensor>& bias) {
-  return w4a16_gemm_path(x, qweight, scales, zeros, group_size, bias, 0);
-}
-
 // Dequantize the CUDA packed weights back to W [N, K] (tests; the cuBLAS path uses the same kernel).
 at::Tensor w4a16_dequant_cuda(const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& zeros, int64_t group_size) {
@@ -636,16 +622,13 @@ at::Tensor w4a16_dequant_cuda(const at::Tensor& qweight, const at::Tensor& scale
 
 }  // namespace sqplus_cuda
 
-// CUDA-only extras (tests and benchmarks pick a path; not part of the shared contract).
+// CUDA-only extra (tests: the packed weights back to W; not part of the shared contract).
 TORCH_LIBRARY_FRAGMENT(sqplus, m) {
-  m.def("w4a16_gemm_path(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
-        "Tensor? bias, int path) -> Tensor");
   m.def("w4a16_dequant(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sqplus, CUDA, m) {
   m.impl("w4a16_pack", &sqplus_cuda::w4a16_pack_cuda);
   m.impl("w4a16_gemm", &sqplus_cuda::w4a16_gemm_cuda);
-  m.impl("w4a16_gemm_path", &sqplus_cuda::w4a16_gemm_path);
   m.impl("w4a16_dequant", &sqplus_cuda::w4a16_dequant_cuda);
 }

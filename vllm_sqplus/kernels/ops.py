@@ -1,24 +1,26 @@
 """Loading of the compiled ops (vllm_sqplus._C) and their fake (meta) implementations.
 
-The ops are defined in csrc/ops.cpp (schemas) and implemented per device (csrc/cpu, csrc/cuda):
+The shared ops are declared in csrc/ops.cpp (schemas) and implemented per device (csrc/cpu,
+csrc/cuda):
   torch.ops.sqplus.w4a16_pack(q, scales, zeros, group_size) -> [qweight, scales_p, zeros_p]
-  torch.ops.sqplus.w4a16_gemm(x, qweight, scales_p, zeros_p, group_size, bias=None) -> y
-Importing this module never fails: when the extension cannot be loaded, `LOAD_ERROR` says why and
-the first caller that needs it warns once (`warn_missing_once`), then the reference path runs.
+  torch.ops.sqplus.w4a16_gemm(x, qweight, scales_p, zeros_p, group_size, bias=None, kernel=0) -> y
+  torch.ops.sqplus.w4a16_cpu_isa() -> int   (CPU build: best `kernel` code this CPU supports)
+Importing this module never fails: when the extension cannot be loaded, `LOAD_ERROR` says why;
+the backends (backends.py) then report themselves unavailable and "auto" falls back to the
+reference path with one warning.
 
 The fake implementations let torch.compile / CUDA graphs trace the ops without running them. The
 gemm's output shape needs no layout knowledge (scales_p is [K/g, N] on every device); the pack's
-output shapes are each device's layout, looked up in PACKED_SHAPES (the CUDA kernel's module adds
-its own with `register_packed_shape(device, fn)`; CUDA's is declared below).
+output shapes are each device's layout, looked up in PACKED_SHAPES (CPU and CUDA are declared
+below; `register_packed_shape(device, fn)` declares a new device's).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
 
-__all__ = ["LOADED", "LOAD_ERROR", "has_kernel", "warn_missing_once", "register_packed_shape",
+__all__ = ["LOADED", "LOAD_ERROR", "has_kernel", "register_packed_shape",
            "cpu_packed_shape", "PACKED_SHAPES", "TILE_N", "CHUNK_K"]
 
 try:
@@ -28,18 +30,6 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
     LOADED, LOAD_ERROR = False, f"{type(e).__name__}: {e}"
 
 TILE_N, CHUNK_K = 64, 8  # CPU layout constants (csrc/cpu/w4a16_cpu.h)
-
-_warned: set[str] = set()
-
-
-def warn_missing_once(device_type: str, reason: str) -> None:
-    """One warning per process and device type that the reference (slow) path is used instead."""
-    if device_type in _warned:
-        return
-    _warned.add(device_type)
-    warnings.warn(f"vllm_sqplus: no compiled W4A16 kernel for device '{device_type}' ({reason}); "
-                  "using the reference path (dequantize + matmul, slow)", RuntimeWarning, stacklevel=3)
-
 
 def has_kernel(device_type: str) -> bool:
     """True when sqplus::w4a16_gemm and w4a16_pack have an implementation for this device type."""
@@ -91,7 +81,7 @@ def _register_fakes() -> None:
         return [q.new_empty(shape, dtype=dtype) for shape, dtype in fn(n, k, scales.shape[1], scales.dtype)]
 
     @torch.library.register_fake("sqplus::w4a16_gemm")
-    def _gemm_fake(x, qweight, scales, zeros, group_size, bias=None):
+    def _gemm_fake(x, qweight, scales, zeros, group_size, bias=None, kernel=0):
         torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
                      lambda: f"w4a16_gemm: x must be float32/bfloat16/float16, got {x.dtype}")
         return x.new_empty((*x.shape[:-1], scales.shape[1]))

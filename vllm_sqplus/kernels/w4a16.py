@@ -1,4 +1,5 @@
-"""The W4A16 API: backend choice, packing, matmul and the W4A16Linear module (see __init__)."""
+"""The W4A16 API: packing, matmul and the W4A16Linear module (see __init__); the backends
+themselves, and the choice among them, are in backends.py."""
 from __future__ import annotations
 
 import torch
@@ -6,15 +7,14 @@ from torch import nn
 
 from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.kernels import ops
-from vllm_sqplus.quant import check_group_size, dequantize_int4
+from vllm_sqplus.config import check_group_size_supported
+from vllm_sqplus.kernels.backends import (ACT_DTYPES, REFERENCE, W4A16Backend, choose_backend,
+                                          get_backend, warn_fallback_once)
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "pack_weights", "w4a16_matmul",
            "W4A16Linear"]
 
 BACKENDS = ("reference", "sqplus")
-_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# keys of the packed dict per backend (the same three tensors, named for what they hold)
-_KEYS = {"reference": ("q", "scales", "zeros"), "sqplus": ("qweight", "scales", "zeros")}
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -27,19 +27,9 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:
     """"auto" -> "sqplus" when compiled for `device`, else "reference" (warning once per process and
-    device type); an explicit backend is checked and returned; "sqplus" unavailable raises."""
-    dev = torch.device(device).type
-    if backend == "auto":
-        if ops.has_kernel(dev):
-            return "sqplus"
-        ops.warn_missing_once(dev, ops.LOAD_ERROR or f"the extension was built without a {dev} kernel")
-        return "reference"
-    if backend not in BACKENDS:
-        raise SqplusError(f"unknown W4A16 backend '{backend}'; choose auto, {', '.join(BACKENDS)}")
-    if backend == "sqplus" and not ops.has_kernel(dev):
-        why = ops.LOAD_ERROR or f"the extension has no {dev} kernel"
-        raise SqplusError(f"W4A16 backend 'sqplus' is not available on device '{dev}': {why}")
-    return backend
+    device type); an explicit backend is checked and returned; "sqplus" unavailable raises.
+    (The name of get_backend's object; callers that run kernels should keep the object.)"""
+    return get_backend(backend, device).config_name
 
 
 def _check_quantized(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -47,7 +37,7 @@ def _check_quantized(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     if q.dim() != 2 or q.dtype != torch.uint8:
         raise SqplusError(f"pack_weights: q must be uint8 [N, K], got {q.dtype} {tuple(q.shape)}")
     n, k = q.shape
-    g = check_group_size(k, group_size, "pack_weights")
+    g = check_group_size_supported(k, group_size, "pack_weights")
     want = (n, k // g)
     if tuple(scales.shape) != want or not scales.is_floating_point():
         raise SqplusError(f"pack_weights: scales must be floating {list(want)} for q {list(q.shape)} "
@@ -61,56 +51,38 @@ def _check_quantized(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 def pack_weights(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 backend: str = "auto") -> dict[str, torch.Tensor]:
-    """Pack quantize_int4's (q, scales, zeros) for `backend`, on q's device.
-
-    reference -> {"q", "scales", "zeros"} unchanged; sqplus -> {"qweight", "scales", "zeros"} in
-    the device's packed layout (CPU: csrc/cpu/w4a16_cpu.h; scales/zeros there are [K/g, N]).
-    """
+                 backend: str | W4A16Backend = "auto") -> dict[str, torch.Tensor]:
+    """Pack quantize_int4's (q, scales, zeros) for `backend` (a name or a backend object), on q's
+    device. reference -> {"q", "scales", "zeros"} unchanged; sqplus -> {"qweight", "scales",
+    "zeros"} in the device's packed layout (CPU: csrc/cpu/w4a16_cpu.h; scales/zeros there are
+    [K/g, N])."""
     _check_quantized(q, scales, zeros, group_size)
-    backend = resolve_backend(backend, q.device)
-    if backend == "reference":
-        return {"q": q, "scales": scales, "zeros": zeros}
-    qweight, scales_p, zeros_p = torch.ops.sqplus.w4a16_pack(q, scales, zeros, group_size)
-    return {"qweight": qweight, "scales": scales_p, "zeros": zeros_p}
-
-
-def _backend_of(packed: dict[str, torch.Tensor]) -> str:
-    for name, keys in _KEYS.items():
-        if set(keys) <= set(packed):
-            return name
-    raise SqplusError(f"w4a16_matmul: packed dict has keys {sorted(packed)}; expected "
-                      f"{_KEYS['reference']} or {_KEYS['sqplus']} (from pack_weights)")
+    return get_backend(backend, q.device).pack(q, scales, zeros, group_size)
 
 
 def w4a16_matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int,
-                 backend: str = "auto", bias: torch.Tensor | None = None) -> torch.Tensor:
+                 backend: str | W4A16Backend = "auto", bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ ((q - zeros) * scales).T + bias -> [..., N] in x.dtype, fp32 accumulation.
 
-    `packed` comes from pack_weights with the same backend ("auto": the backend it was packed for).
+    `packed` comes from pack_weights with the same backend: the same object, or the same name on
+    the same device type ("auto" means the same choice there as in pack_weights).
     """
-    kind = _backend_of(packed)
-    if backend not in ("auto", kind):
-        raise SqplusError(f"w4a16_matmul: weights were packed for '{kind}', asked to run '{backend}'")
-    if x.dtype not in _ACT_DTYPES:
+    b = get_backend(backend, x.device)
+    if x.dtype not in ACT_DTYPES:
         raise SqplusError(f"w4a16_matmul: x must be float32, bfloat16 or float16, got {x.dtype} "
                           f"{tuple(x.shape)}")
-    scales = packed["scales"]
-    if kind == "reference":
-        q = packed["q"]
-        if x.shape[-1] != q.shape[1]:
+    if not set(b.keys) <= set(packed):
+        raise SqplusError(f"w4a16_matmul: packed holds {sorted(packed)}, but backend '{b.name}' "
+                          f"runs on {list(b.keys)}: pack and run with the same backend")
+    if b is REFERENCE:
+        if x.shape[-1] != packed["q"].shape[1]:
             raise SqplusError(f"w4a16_matmul: x {tuple(x.shape)} has K = {x.shape[-1]}, weight is "
-                              f"[N, K] = {tuple(q.shape)}")
-        w = dequantize_int4(q, scales, packed["zeros"], group_size, torch.float32)  # [N, K]
-        y = x.float() @ w.T
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
-    n = scales.shape[1]  # [K/g, N] on every device
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise SqplusError(f"w4a16_matmul: bias must be [N] = [{n}], got {tuple(bias.shape)}")
-    return torch.ops.sqplus.w4a16_gemm(x, packed["qweight"], scales, packed["zeros"], group_size,
-                                       bias)
+                              f"[N, K] = {tuple(packed['q'].shape)}")
+    else:
+        n = packed["scales"].shape[1]  # [K/g, N] on every device
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise SqplusError(f"w4a16_matmul: bias must be [N] = [{n}], got {tuple(bias.shape)}")
+    return b.apply(x, packed, group_size, bias)
 
 
 class W4A16Linear(nn.Module):
@@ -118,13 +90,15 @@ class W4A16Linear(nn.Module):
 
     The packed tensors are buffers in the backend's layout for the device they were packed on:
     build the module on its final device (from_quantized with tensors already there).
+    `backend` is the backend object that packed them (a name is resolved with get_backend).
     """
 
     def __init__(self, packed: dict[str, torch.Tensor], in_features: int, out_features: int,
-                 group_size: int, backend: str, bias: torch.Tensor | None = None):
+                 group_size: int, backend: str | W4A16Backend, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.backend = group_size, backend
+        device = next(iter(packed.values())).device if packed else "cpu"
+        self.group_size, self.backend = group_size, get_backend(backend, device)
         self._keys = tuple(packed)
         for name, t in packed.items():
             self.register_buffer(name, t)
@@ -133,11 +107,16 @@ class W4A16Linear(nn.Module):
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        group_size: int, bias: torch.Tensor | None = None,
-                       backend: str = "auto") -> "W4A16Linear":
-        """Pack quantize_int4's output (q uint8 [N, K], scales [N, K/g], zeros uint8 [N, K/g])."""
-        backend = resolve_backend(backend, q.device)
-        packed = pack_weights(q, scales, zeros, group_size, backend)
+                       backend: str | W4A16Backend = "auto") -> "W4A16Linear":
+        """Pack quantize_int4's output (q uint8 [N, K], scales [N, K/g], zeros uint8 [N, K/g]) for
+        the backend chosen for this shape (choose_backend; "auto" warns once when it falls back)."""
+        _check_quantized(q, scales, zeros, group_size)
         n, k = q.shape
+        choice = choose_backend(backend, n=n, k=k, group=group_size, act_dtype=None,
+                                device=q.device, what="W4A16Linear")
+        warn_fallback_once(choice, q.device.type)
+        backend = choice.backend
+        packed = backend.pack(q, scales, zeros, group_size)
         if bias is not None and tuple(bias.shape) != (n,):
             raise SqplusError(f"W4A16Linear: bias must be [N] = [{n}], got {tuple(bias.shape)}")
         return cls(packed, k, n, group_size, backend, bias)
@@ -160,4 +139,4 @@ class W4A16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, backend={self.backend}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, backend={self.backend!r}, bias={self.bias is not None}")
