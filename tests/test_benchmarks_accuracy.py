@@ -1,0 +1,163 @@
+"""benchmarks/accuracy.py (one evaluation for every variant) and benchmarks/accuracy_table.py (the
+generated table), on a tiny random model built here: no downloads."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import CODE, save_tiny
+from vllm_sqplus.quant import dequantize_int4, pseudo_quantize_int4, quantize_int4
+
+_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+acc = _load("accuracy")
+table = _load("accuracy_table")
+GS = 32
+TEXTS = {"code": CODE * 40, "english": ("The quick brown fox jumps over the lazy dog. " * 200)}
+
+
+@pytest.fixture(scope="module")
+def fp_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("fp") / "m", hidden=64, intermediate=128, tie=False)
+
+
+def _linears(model):
+    for layer in model.model.layers:
+        yield from (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                    layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+
+
+def _prequantized(fp_dir: Path, out: Path) -> Path:
+    """A dense checkpoint on an INT4 grid that RTN would NOT reproduce (what GPTQ writes, in spirit):
+    the RTN codes clamped to 1..14 keep RTN's scale, but re-quantizing them picks a narrower range."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for lin in _linears(m):
+            q, s, z = quantize_int4(lin.weight, GS, True)
+            lin.weight.copy_(dequantize_int4(q.clamp(1, 14), s, z, GS, torch.float32))
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(fp_dir).save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def _ref_ppl(model, ids) -> float:
+    lp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+    return math.exp(float(-lp.gather(-1, ids[:, 1:, None]).mean()))
+
+
+def _run(fp_dir, variants, tmp_path, out=None):
+    return acc.run(fp_dir, "tiny", variants, GS, n_windows=3, seq_len=64, cache_root=tmp_path / "cache",
+                   out=out, command="pytest", texts=TEXTS)
+
+
+def test_fp_kl_zero_rtn_differs_prequantized_not_requantized(fp_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    pre = _prequantized(fp_dir, tmp_path / "pre")
+    out = tmp_path / "acc.json"
+    rec = _run(fp_dir, [("RTN", "rtn", str(fp_dir)), ("PRE", "prequantized", str(pre))], tmp_path, out)
+    v = rec["variants"]
+    assert v["FP"]["code_kl"] == 0.0 and v["FP"]["english_kl"] == 0.0
+    assert v["RTN"]["code_kl"] > 1e-4 and v["RTN"]["code_ppl"] != v["FP"]["code_ppl"]
+    assert v["RTN"]["fake_quantized_linears"] == 14
+    # PRE is evaluated as stored: its perplexity is that of the stored weights, and re-quantizing
+    # them (which would be a bug) changes them, so the equality below can fail
+    m = AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).eval()
+    w = m.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(pseudo_quantize_int4(w, GS, True), w)
+    ids = acc.windows(AutoTokenizer.from_pretrained(fp_dir), TEXTS["code"], 3, 64)
+    assert v["PRE"]["code_ppl"] == pytest.approx(_ref_ppl(m, ids), rel=1e-5)
+    assert v["PRE"]["code_ppl"] != pytest.approx(v["RTN"]["code_ppl"], rel=1e-4)
+    assert v["PRE"]["max_levels_per_group"] <= 14 and "fake_quantized_linears" not in v["PRE"]
+    assert v["PRE"]["code_kl"] > 0
+    assert json.loads(out.read_text())["variants"].keys() == {"FP", "RTN", "PRE"}
+    assert rec["windows"]["code"]["n"] == 3 and rec["windows"]["code"]["seq_len"] == 64
+
+
+def test_ppl_matches_plain_reference(fp_dir, tmp_path):
+    """Perplexity and KL against a direct computation with both models in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    rec = _run(fp_dir, [("RTN", "rtn", str(fp_dir))], tmp_path)
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    ids = acc.windows(tok, TEXTS["code"], 3, 64)
+    fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
+    q = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for lin in _linears(q):
+            lin.weight.copy_(pseudo_quantize_int4(lin.weight, GS, True))
+        lp = torch.log_softmax(fp(ids).logits[:, :-1].float(), -1)
+        lq = torch.log_softmax(q(ids).logits[:, :-1].float(), -1)
+    nll = -lq.gather(-1, ids[:, 1:, None]).mean()
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert rec["variants"]["RTN"]["code_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    assert rec["variants"]["RTN"]["code_kl"] == pytest.approx(float(kl), rel=2e-2)  # float16 cache
+
+
+def test_bad_inputs(fp_dir, tmp_path):
+    with pytest.raises(SystemExit, match="not an INT4 checkpoint"):
+        _run(fp_dir, [("X", "prequantized", str(fp_dir))], tmp_path)   # FP weights are no INT4 grid
+    with pytest.raises(SystemExit, match="not smoothquant_plus"):
+        _run(fp_dir, [("X", "smoothed", str(fp_dir))], tmp_path)
+    with pytest.raises(SystemExit, match="no config.json"):
+        _run(fp_dir, [("X", "rtn", str(tmp_path))], tmp_path)
+    with pytest.raises(SystemExit, match="expected NAME=DIR"):
+        acc.parse_named(["nodir"], "--smoothed")
+
+
+def _fake_record(model="m", code=(10.0, 12.0, 10.5), eng=(20.0, 22.0, 23.0)):
+    def row(c, e, kl, kind, prod=None):
+        return {"kind": kind, "path": "/x", "code_ppl": c, "english_ppl": e, "code_kl": kl, "english_kl": kl,
+                "seconds": 1.0, "date": "2026-12-01T00:00:00+00:00", "command": "python benchmarks/accuracy.py",
+                "machine": {"cpu": "CPU X", "cores": 2}, "producer": prod}
+    return {"model": model, "group_size": 64, "windows": {"code": {"n": 16, "seq_len": 512},
+                                                          "english": {"n": 16, "seq_len": 512}},
+            "variants": {"FP": row(code[0], eng[0], 0.0, "fp"), "RTN": row(code[1], eng[1], 0.2, "rtn"),
+                         "GPTQ": row(code[2], eng[2], 0.05, "prequantized",
+                                     {"seconds": 600.0, "peak_rss_gib": 1.5, "command": "run_peer.py",
+                                      "date": "2026-12-01", "machine": {"cpu": "CPU X", "cores": 2}})}}
+
+
+def test_table_shares_and_missing_rows(tmp_path):
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(_fake_record()))
+    md = table.render(table.load_results(tmp_path), humaneval={})
+    lines = [ln for ln in md.splitlines() if ln.startswith("| GPTQ")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    # code: (10.5 - 10) / (12 - 10) = 25%; English: (23 - 20) / (22 - 20) = 150%
+    assert "10.500" in cells[1] and cells[2] == "25%" and "23.000" in cells[3] and cells[4] == "150%"
+    assert "not run" in lines[0] and "10.0 min" in lines[0] and "1.50 GiB" in lines[0]
+    assert "| AWQ" in md and "missing" in md.split("| AWQ", 1)[1].splitlines()[0]
+    assert "accuracy_notes.md" in md and "CPU X" in md and "GENERATED" in md
+
+
+def test_table_humaneval_column(tmp_path):
+    rec = _fake_record()
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(rec))
+    he = {("m", "FP"): {"passed": 91, "n": 164, "source": "humaneval.json"}}
+    md = table.render(table.load_results(tmp_path), humaneval=he)
+    fp_line = next(ln for ln in md.splitlines() if ln.startswith("| FP"))
+    assert "91/164" in fp_line
+
+
+def test_table_main_writes_atomically(tmp_path):
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(_fake_record()))
+    out = tmp_path / "accuracy.md"
+    table.main(["--results", str(tmp_path), "--out", str(out)])
+    assert out.read_text().startswith("<!-- GENERATED")
+    assert not list(tmp_path.glob("accuracy.md.*"))
