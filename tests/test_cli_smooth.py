@@ -24,8 +24,8 @@ def _digest(folder: Path) -> dict:
 
 
 def _logits(path, ids):
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from vllm_sqplus.checkpoint import load_full_precision
+    m = load_full_precision(path)  # the smoothed weights themselves, not our INT4 transformers path
     with torch.no_grad():
         return m(ids).logits
 
@@ -35,7 +35,9 @@ def test_smooth_writes_equivalent_checkpoint(tmp_path, calib_file, arch, kw):
     src = save_tiny(tmp_path / "src", arch, **kw)
     before = _digest(src)
     out = tmp_path / "out"
-    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha", "0.5", *FAST]) == 0
+    # --no-clip: smoothing alone is exact in full precision (clipping deliberately is not)
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha", "0.5", "--no-clip",
+                 *FAST]) == 0
     assert _digest(src) == before  # input untouched
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -45,8 +47,8 @@ def test_smooth_writes_equivalent_checkpoint(tmp_path, calib_file, arch, kw):
         assert (out / name).is_file(), name
     # vLLM loads every top-level *.safetensors as weights: only the model's tensors may be there
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-    names = set(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict())
+    from vllm_sqplus.checkpoint import load_full_precision
+    names = set(load_full_precision(out).state_dict())
     for f in out.glob("*.safetensors"):
         with safe_open(f, "pt") as sf:
             assert set(sf.keys()) <= names, f"{f.name} holds non-model tensors"
@@ -68,27 +70,39 @@ def test_search_is_deterministic_and_picks_the_minimum(tmp_path, calib_file):
         assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST]) == 0
         tables.append(json.loads((out / "sqplus_search.json").read_text()))
     assert tables[0]["rows"] == tables[1]["rows"]
-    rows = tables[0]["rows"]
-    alphas = [r["alpha"] for r in rows]
-    assert None in alphas and 0.0 in alphas and 1.0 in alphas  # identity always a candidate
-    best = min(rows, key=lambda r: r["kl"])
-    assert tables[0]["chosen_alpha"] == best["alpha"]
-    assert json.loads((tmp_path / "out0" / "config.json").read_text())["quantization_config"]["alpha"] == best["alpha"]
+    rows = {r["name"]: r for r in tables[0]["rows"]}
+    # identity always a candidate; the whole grid, clipping and the per-layer plan all scored
+    assert {"rtn", "alpha=0", "alpha=0.5", "alpha=1", "rtn+clip", "per-layer+clip"} <= set(rows)
+    best = min(rows.values(), key=lambda r: r["kl"])
+    assert tables[0]["chosen"] == best["name"]
+    qc = json.loads((tmp_path / "out0" / "config.json").read_text())["quantization_config"]
+    assert qc["choice"] == best["name"] and qc["search"]["kl"] == best["kl"]
+    assert qc["search"]["kl"] <= rows["rtn"]["kl"]  # never worse than plain RTN on its own loss
 
 
-def test_layer_granularity_records_per_layer_alphas(tmp_path, calib_file):
+def test_per_layer_plan_without_clip_is_exact_and_recorded(tmp_path, calib_file):
     src = save_tiny(tmp_path / "src", "qwen2", kv_heads=2)
     out = tmp_path / "out"
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha-granularity",
-                 "layer", *FAST]) == 0
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["alpha_granularity"] == "layer" and len(qc["layer_alphas"]) == 2
-    # the recorded KL is the per-layer choice's (what was written), not the whole-model best's
+                 "layer", "--no-clip", *FAST]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
-    assert qc["search"]["kl"] == table["per_layer"]["kl"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    rows = {r["name"]: r for r in table["rows"]}
+    assert "per-layer" in rows and len(table["layers"]) == 2 and len(table["layer_log"]) == 2
+    assert qc["search"]["kl"] == rows[table["chosen"]]["kl"]
+    if rows[table["chosen"]]["kind"] == "per-layer":
+        assert qc["alpha_granularity"] == "layer" and len(qc["layer_alphas"]) == 2
     ids = torch.randint(0, 320, (2, 24))
     ref, new = _logits(src, ids), _logits(out, ids)
     assert float((new - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_group_size_the_kernels_cannot_take_fails_before_loading(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    line = _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
+                           "--group-size", "16"], "--group-size 16")
+    assert "group_size must be one of" in line
+    assert "loading" not in capsys.readouterr().err
 
 
 # ---- bad input: one clear line on stderr, exit 2, input untouched -----------------------------
@@ -123,8 +137,8 @@ def test_unsupported_architecture(tmp_path, capsys, calib_file):
 def test_group_size_not_dividing(tmp_path, capsys, calib_file):
     src = save_tiny(tmp_path / "src", "llama", hidden=96, intermediate=192)
     err = _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
-                          "--group-size", "64"], "not divisible by group_size 64")
-    assert "layers.0.self_attn.q_proj" in err and "[32]" in err
+                          "--group-size", "64"], "not a multiple of group_size 64")
+    assert "hidden_size 96" in err and "[32]" in err  # found from config.json, before loading
 
 
 def test_nan_weights(tmp_path, capsys, calib_file):

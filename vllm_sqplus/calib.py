@@ -1,4 +1,4 @@
-"""Calibration data: HumanEval prompts (default), JSONL ({"text": ...} or {"prompt": ...}) or plain text,
+"""Calibration data: the standard-library code of vllm_sqplus.corpora (default, "stdlib"), HumanEval prompts, JSONL ({"text": ...} or {"prompt": ...}) or plain text,
 tokenised and cut into fixed-length samples (no padding, so every token is real and causal masks
 need no special handling)."""
 from __future__ import annotations
@@ -54,8 +54,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+DEFAULT_CALIB = "stdlib"
+
+
 def load_calibration_texts(spec: str) -> list[str]:
-    """Texts from 'humaneval', a .jsonl/.jsonl.gz file (key text, prompt or content) or a text file."""
+    """Texts from 'stdlib' (the default: vllm_sqplus.corpora, disjoint from every evaluation text and
+    from HumanEval), 'humaneval' (its prompts: overlaps a HumanEval evaluation), a .jsonl/.jsonl.gz
+    file (key text, prompt or content) or a text file."""
+    if spec == "stdlib":
+        from vllm_sqplus.corpora import calibration_texts
+        return calibration_texts()
     if spec == "humaneval":
         return [r["prompt"] for r in read_jsonl(humaneval_path())]
     path = Path(spec)
@@ -108,3 +116,13 @@ def split_heldout(samples: torch.Tensor, n_heldout: int) -> tuple[torch.Tensor, 
         raise SqplusError(f"need at least 2 calibration samples (one held out for the search), got {n}")
     k = max(1, min(n_heldout, n // 2))
     return samples[: n - k], samples[n - k:]
+
+
+def calibration_ids(tokenizer, spec: str = DEFAULT_CALIB, n_samples: int = 64, n_heldout: int = 4,
+                    seq_len: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics samples, held-out samples) exactly as `sqplus smooth` builds them from `spec`.
+
+    benchmarks/peers hands the same tokens to GPTQ and AWQ, so every method sees one calibration set.
+    """
+    samples = tokenize_samples(tokenizer, load_calibration_texts(spec), n_samples + n_heldout, seq_len)
+    return split_heldout(samples, n_heldout)

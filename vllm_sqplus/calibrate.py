@@ -130,19 +130,37 @@ ACT_STATS = ("max", "mean")  # per-input-channel max|x| (SmoothQuant) and mean|x
 
 @torch.no_grad()
 def collect_act_stats(layer: nn.Module, arch: ArchSpec, runner: LayerwiseModel, hs: torch.Tensor,
-                      layer_name: str = "layer") -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-    """Run hs through one (device) layer; return ({"max"|"mean": {linear: [K]}}, layer output)."""
+                      layer_name: str = "layer", gram_group: int | None = None):
+    """Run hs through one (device) layer -> ({"max"|"mean": {linear: [K]}}, layer output, grams).
+
+    With gram_group, grams maps each linear to the block diagonal of its input's Gram matrix
+    [K/g, g, g] (vllm_sqplus.clip.group_gram; linears sharing an input share one tensor); else {}.
+    """
+    from vllm_sqplus.clip import group_gram
     amax: dict[str, torch.Tensor] = {}
     asum: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
+    grams: dict[str, torch.Tensor] = {}
+    seen: dict[str, str] = {}  # linear -> the linear whose input it shares (same tensor object)
+    last: dict = {}
     hooks = []
     for name in arch.linears:
         def hook(_mod, args, name=name):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
-            m, t = x.amax(dim=0), x.sum(dim=0)
+            x0 = args[0].detach()
+            if last.get("x") is x0:  # q/k/v and gate/up read the same tensor: reuse its statistics
+                src = last["name"]
+                seen[name] = src
+                return
+            last.update(x=x0, name=name)
+            x = x0.reshape(-1, x0.shape[-1]).float()
+            ax = x.abs()
+            m, t = ax.amax(dim=0), ax.sum(dim=0)
             amax[name] = m if name not in amax else torch.maximum(amax[name], m)
             asum[name] = t if name not in asum else asum[name] + t
             count[name] = count.get(name, 0) + x.shape[0]
+            if gram_group is not None:
+                gmat = group_gram(x, gram_group)
+                grams[name] = gmat if name not in grams else grams[name] + gmat
         hooks.append(get_module(layer, name).register_forward_pre_hook(hook))
     try:
         out = runner.run_layer(layer, hs)
@@ -152,7 +170,11 @@ def collect_act_stats(layer: nn.Module, arch: ArchSpec, runner: LayerwiseModel, 
     for name, m in amax.items():
         if not torch.isfinite(m).all():
             raise SqplusError(f"{layer_name}.{name}: NaN or Inf in its input activations")
-    return {"max": amax, "mean": {k: v / count[k] for k, v in asum.items()}}, out
+    for name, src in seen.items():
+        amax[name], asum[name], count[name] = amax[src], asum[src], count[src]
+        if src in grams:
+            grams[name] = grams[src]
+    return {"max": amax, "mean": {k: v / count[k] for k, v in asum.items()}}, out, grams
 
 
 @torch.no_grad()
@@ -167,6 +189,6 @@ def get_act_scales(model: nn.Module, arch: ArchSpec, samples: torch.Tensor, devi
         from tqdm import tqdm
         it = tqdm(it, desc="calibrate", unit="layer")
     for i in it:
-        stats, hs = collect_act_stats(runner.layer_on_device(i), arch, runner, hs, f"layers.{i}")
+        stats, hs, _ = collect_act_stats(runner.layer_on_device(i), arch, runner, hs, f"layers.{i}")
         out.append({k: v.cpu() for k, v in stats[stat].items()})
     return out

@@ -127,3 +127,14 @@ def save_model(model, src_dir, tmp: Path, quantization_config: dict) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = quantization_config
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_full_precision(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs):
+    """A smoothed checkpoint as the plain full-precision model it is, bypassing our transformers
+    quantizer (which `import vllm_sqplus` registers: from_pretrained would give INT4 linears).
+    For evaluation and tests that need the smoothed weights themselves."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()

@@ -1,25 +1,30 @@
-"""Alpha search: one smoothing setting for the whole model, scored by the whole quantized model's loss.
+"""The smoothing search: what to smooth by how much, and how to clip, scored by the whole model's loss.
 
-One pass over the decoder layers does everything, with a single layer on the device at a time:
+Everything runs layer by layer, one decoder layer on the device at a time (vllm_sqplus.calibrate).
+Three kinds of token sets, disjoint: the statistics samples (activation statistics and the input
+Gram blocks for clipping), a few of them reused as the "fit" samples of the per-layer refinement,
+and the held-out samples that score every whole-model decision (mean KL of the next-token
+distribution, full precision || quantized model, after the final norm and lm_head).
 
-    layer i on device
-      |- statistics samples  -> FP layer (hooks: max|x| and mean|x| per linear input) -> stats_i
-      |- held-out samples    -> FP layer                                   -> reference stream
-      '- held-out samples    -> smooth(candidate c, stats_i) + fake INT4, for every candidate c
-                                                                          -> candidate streams
-    after the last layer: final norm + lm_head on every stream;
-    loss(c) = mean KL(P_fp || P_c) over held-out tokens (and the next-token NLL, for the record).
-
-A candidate is (alpha, activation statistic, pair set). The paper's form is stat "max" with one
-alpha for the whole model; the statistic (AWQ's mean|x|) and the pair set are there because for
-weight-only INT4 the textbook scales can be worse than no smoothing at all (measured on
-Qwen2.5-Coder-0.5B, see benchmarks/results/accuracy.md). The identity ("none": plain RTN) is
-always a candidate, so the search never returns something worse than RTN on its own loss.
-Statistics come from the statistics samples only; the loss from the held-out ones.
-A refinement (best alpha +/- step/2) runs a second, shorter pass over the layers.
-
-granularity "layer" (AWQ-style, for comparison): each layer takes the candidate that minimises the
-MSE of its own output, on the already-quantized stream; its whole-model loss is reported too.
+1. Pass 1 (statistics + paper form): per layer, statistics on the statistics samples; the held-out
+   samples go through the full-precision layer and through smoothed + fake-INT4 copies of it for
+   a coarse grid of whole-model alphas (SmoothQuant+'s one alpha for the model) and the identity.
+   Two short refinement passes (best +/- 0.1, then +/- 0.05) follow: 9 candidates instead of a
+   21-point grid, same resolution.
+2. Per-layer refinement (granularity "layer", the default): coordinate descent over each layer's
+   pair types (norm->qkv, norm->gate/up, up->down, v->o where it applies), starting from the
+   whole-model alpha. A trial is scored by the error of the layer's output against the full-
+   precision model's own activation there, on the already-quantized stream of the fit samples,
+   weighted per token and channel by the squared gradient of the full-precision model's loss with
+   respect to that activation (diagonal empirical Fisher): a second-order estimate of how much the
+   whole model's loss moves, not the layer's own MSE. "none" (no smoothing) is a trial of every pair.
+   After a layer's alphas are chosen its weights are clipped, and the stream goes on through the
+   layer as it will be deployed.
+3. Clipping (vllm_sqplus.clip): per linear, per (row, group) range shrink minimising the output
+   error on the statistics inputs; folded into the stored weights.
+4. Final choice: the held-out whole-model KL of RTN, paper form, each with and without clipping,
+   and the per-layer plan. The identity is always among them, so the written checkpoint is never
+   worse than plain RTN on the search's own loss.
 """
 from __future__ import annotations
 
@@ -31,14 +36,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vllm_sqplus.arch import PAIR_SETS, ArchSpec, get_module
+from vllm_sqplus.arch import PAIR_SETS, ArchSpec, SmoothPair, get_module
 from vllm_sqplus.calibrate import LayerwiseModel, collect_act_stats
+from vllm_sqplus.clip import DEFAULT_RATIOS, apply_clip, scale_gram, search_clip
 from vllm_sqplus.quant import pseudo_quantize_int4
-from vllm_sqplus.smooth import smooth_layer
+from vllm_sqplus.smooth import apply_smooth, compute_smooth_scales
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """One smoothing setting for the whole model (the paper's form)."""
     alpha: float | None          # None: no smoothing (plain RTN)
     stat: str = "max"            # activation statistic: "max" (SmoothQuant+) or "mean" (AWQ)
     pairs: str = "all"           # key of arch.PAIR_SETS
@@ -51,13 +58,20 @@ class Candidate:
 IDENTITY = Candidate(None)
 
 
-def alpha_grid(step: float = 0.05) -> list[float]:
-    n = int(round(1.0 / step))
-    return [round(i * step, 6) for i in range(n + 1)]
+@dataclass
+class LayerPlan:
+    """What one decoder layer gets: an alpha per smoothing pair (keyed by pair.prev; absent or None:
+    not smoothed), the statistic, and per-linear clipping ratios [N, K/g] (None: no clipping)."""
+    alphas: dict[str, float | None] = field(default_factory=dict)
+    stat: str = "max"
+    clip: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def uniform(cls, cand: Candidate, pairs: list[SmoothPair]) -> "LayerPlan":
+        return cls({p.prev: cand.alpha for p in pairs} if cand.alpha is not None else {}, cand.stat)
 
-def candidate_grid(step: float = 0.05, stats=("max",), pair_sets=("all",)) -> list[Candidate]:
-    return [IDENTITY] + [Candidate(a, s, p) for s in stats for p in pair_sets for a in alpha_grid(step)]
+    def describe(self) -> dict:
+        return {"alphas": dict(self.alphas), "stat": self.stat, "clipped": self.clip is not None}
 
 
 @dataclass
@@ -68,47 +82,101 @@ class QuantSpec:
 
 
 @dataclass
+class SearchOptions:
+    granularity: str = "layer"          # "model": the paper's one alpha; "layer": per-layer refinement
+    clip: bool = True                   # clipping search folded into the weights
+    stat: str = "max"
+    pairs: str = "all"
+    alphas: tuple[float, ...] | None = None   # whole-model grid (None: coarse grid + refinement)
+    refine: bool = True
+    layer_trials: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)   # per-pair alphas tried besides none and the start
+    fit_samples: int = 4                # statistics samples reused to fit the per-layer refinement
+    fisher: bool = True                 # weight the per-layer error by the loss gradient (else plain MSE)
+    clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
+    batch_size: int = 4
+    progress: bool = False
+
+
+@dataclass
 class SearchResult:
-    best: Candidate                               # chosen whole-model setting
-    table: list[dict]                             # one row per candidate: alpha, stat, pairs, kl, nll, ppl
+    best: str                                     # name of the chosen row of `table`
+    plans: list[LayerPlan]                        # what to write, per layer (= finals[best])
+    finals: dict[str, list[LayerPlan]]            # every whole-model choice that was scored
+    table: list[dict]                             # one row per scored whole-model setting
     act_stats: list[dict[str, dict[str, torch.Tensor]]]  # per layer: {"max"|"mean": {linear: [K]}}
-    layer_choice: list[Candidate] | None = None   # granularity "layer": the per-layer choice
-    layer_row: dict | None = None                 # its whole-model loss
-    fp_row: dict | None = None                    # the full-precision model on the same tokens
-    seconds: float = 0.0
+    paper: Candidate = IDENTITY                   # the best whole-model alpha (paper form)
+    layer_log: list | None = None                 # per-layer refinement: alphas chosen, fit error
+    fp_row: dict | None = None
+    seconds: dict = field(default_factory=dict)   # per phase
     n_stat_tokens: int = 0
     n_heldout_tokens: int = 0
 
+    def row(self, name: str) -> dict:
+        return next(r for r in self.table if r["name"] == name)
+
+
+# ---- one layer ---------------------------------------------------------------------------------
+
+def _pair_of(pairs: list[SmoothPair]) -> dict[str, SmoothPair]:
+    return {lin: p for p in pairs for lin in p.linears}
+
 
 @torch.no_grad()
-def prepare_candidate(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats, cand: Candidate,
-                      q: QuantSpec, layer_name: str = "layer") -> nn.Module:
-    """work <- src smoothed with cand, rounded to the storage dtype, linears fake-quantized."""
+def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats: dict, plan: LayerPlan,
+                  q: QuantSpec, grams: dict[str, torch.Tensor] | None = None, clip: bool = False,
+                  ratios=DEFAULT_RATIOS, layer_name: str = "layer") -> dict[str, torch.Tensor] | None:
+    """work <- src smoothed by plan, rounded to the storage dtype, clipped, linears fake-quantized.
+
+    Clipping: plan.clip's ratios when it has them; else, with clip=True, searched here (needs the
+    statistics inputs' Gram blocks `grams`, keyed by linear) and returned.
+    """
     for pw, ps in zip(work.parameters(), src.parameters()):
         pw.copy_(ps)
-    if cand.alpha is not None:
-        pairs = arch.active_pairs(config, PAIR_SETS[cand.pairs])
-        smooth_layer(work, pairs, stats[cand.stat], cand.alpha)
-    for p in work.parameters():  # what the checkpoint will hold
-        p.copy_(p.to(q.store_dtype).to(p.dtype))
+    scales: dict[str, torch.Tensor] = {}
+    pairs = arch.active_pairs(config)
+    for pair in pairs:
+        alpha = plan.alphas.get(pair.prev)
+        if alpha is None:
+            continue
+        fcs = [get_module(work, n) for n in pair.linears]
+        s = compute_smooth_scales(stats[plan.stat][pair.linears[0]], [fc.weight for fc in fcs], alpha)
+        apply_smooth(get_module(work, pair.prev), fcs, s, pair.kind)
+        for n in pair.linears:
+            scales[n] = s
+        _round(work, q.store_dtype)  # each fold rounds to the checkpoint's dtype, as apply_plans does
+    _round(work, q.store_dtype)  # what the checkpoint will hold
+    found = None
+    if plan.clip is not None or clip:
+        found = {}
+        for name in arch.linears:
+            w = get_module(work, name).weight
+            if plan.clip is not None:
+                r = plan.clip[name]
+            else:
+                gram = grams[name] if name not in scales else scale_gram(grams[name], scales[name])
+                r, _ = search_clip(w, gram, q.group_size, q.zero_point, ratios, q.store_dtype)
+            found[name] = r
+            w.copy_(apply_clip(w, r.to(w.device), q.group_size, q.store_dtype))
     for name in arch.linears:
         w = get_module(work, name).weight
         w.copy_(pseudo_quantize_int4(w, q.group_size, q.zero_point, f"{layer_name}.{name}"))
+    return found
+
+
+def _round(module: nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters():
+        p.copy_(p.to(dtype).to(p.dtype))
+
+
+# kept for callers of the paper-form API
+@torch.no_grad()
+def prepare_candidate(work, src, arch, config, stats, cand: Candidate, q: QuantSpec, layer_name="layer"):
+    prepare_layer(work, src, arch, config, stats, LayerPlan.uniform(cand, arch.active_pairs(config, PAIR_SETS[cand.pairs])),
+                  q, layer_name=layer_name)
     return work
 
 
-def _kl_nll(runner: LayerwiseModel, head, ref_logp: list[torch.Tensor], hs: torch.Tensor,
-            labels: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(ref || candidate) over all held-out tokens, and mean next-token NLL."""
-    kl_sum, nll_sum, off = 0.0, 0.0, 0
-    for ref, logits in zip(ref_logp, runner.iter_logits(head, hs)):
-        logp = torch.log_softmax(logits, dim=-1)
-        r = ref.float()
-        kl_sum += float((r.exp() * (r - logp)).sum())
-        nll_sum += _nll_sum(logp, labels[off: off + logits.shape[0]])
-        off += logits.shape[0]
-    return kl_sum / off, nll_sum / int((labels >= 0).sum())
-
+# ---- loss --------------------------------------------------------------------------------------
 
 def _nll_sum(logp: torch.Tensor, labels: torch.Tensor) -> float:
     ok = labels >= 0
@@ -121,94 +189,305 @@ def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return lab.reshape(-1)
 
 
+class _Scorer:
+    """Whole-model loss of a final hidden-state stream vs the full-precision reference."""
+
+    def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor):
+        self.runner, self.head = runner, runner.head_on_device()
+        self.ref_logp = [torch.log_softmax(l, -1).to(torch.bfloat16) for l in runner.iter_logits(self.head, hs_ref)]
+        self.labels = _next_token_labels(heldout).to(runner.device)
+        self.n_lab = int((self.labels >= 0).sum())
+        sizes = [r.shape[0] for r in self.ref_logp]
+        self.fp_nll = sum(_nll_sum(r, l) for r, l in zip(self.ref_logp, self.labels.split(sizes))) / self.n_lab
+
+    def __call__(self, hs: torch.Tensor) -> tuple[float, float]:
+        kl_sum, nll_sum, off = 0.0, 0.0, 0
+        for ref, logits in zip(self.ref_logp, self.runner.iter_logits(self.head, hs)):
+            logp = torch.log_softmax(logits, dim=-1)
+            r = ref.float()
+            kl_sum += float((r.exp() * (r - logp)).sum())
+            nll_sum += _nll_sum(logp, self.labels[off: off + logits.shape[0]])
+            off += logits.shape[0]
+        return kl_sum / off, nll_sum / self.n_lab
+
+
+def _row(name: str, kl: float, nll: float, **extra) -> dict:
+    return {"name": name, **extra, "kl": kl, "nll": nll, "ppl": math.exp(nll)}
+
+
+# ---- passes ------------------------------------------------------------------------------------
+
+def _layers(runner, progress: bool, desc: str):
+    it = range(len(runner.layers))
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=desc, unit="layer")
+    return it
+
+
 @torch.no_grad()
-def _walk(runner: LayerwiseModel, arch: ArchSpec, q: QuantSpec, heldout: torch.Tensor,
-          cands: list[Candidate], stat_ids: torch.Tensor | None, act_stats: list | None,
-          want_ref: bool, layer_granularity: bool, progress: bool):
-    """One pass over the layers -> (act_stats, stream per candidate, ref stream, layer stream, layer choice)."""
+def _pass_uniform(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout: torch.Tensor,
+                  cands: list[Candidate], act_stats: list, stat_ids: torch.Tensor | None = None,
+                  fit_n: int = 0, grams_out: list | None = None, progress: bool = False, desc: str = "pass"):
+    """Held-out streams of whole-model candidates (and, with stat_ids, the statistics on the way).
+
+    Returns (streams per candidate, final FP stream, FP layer inputs of the first fit_n statistics
+    samples per layer [L+1]).
+    """
     config = runner.model.config
     hs_stat = runner.embed(stat_ids) if stat_ids is not None else None
     hs_ref = runner.embed(heldout)
     streams = [hs_ref.clone() for _ in cands]
-    hs_layer = hs_ref.clone() if layer_granularity else None
-    layer_choice: list[Candidate] = []
-    act_stats = list(act_stats) if act_stats is not None else []
-    it = range(len(runner.layers))
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="calibrate+search" if hs_stat is not None else "refine", unit="layer")
-    for i in it:
+    fit_inputs = [hs_stat[:fit_n].clone()] if (hs_stat is not None and fit_n) else []
+    for i in _layers(runner, progress, desc):
         name = f"layers.{i}"
         layer = runner.layer_on_device(i)
         if hs_stat is not None:
-            stats, hs_stat = collect_act_stats(layer, arch, runner, hs_stat, name)
+            stats, hs_stat, grams = collect_act_stats(layer, arch, runner, hs_stat, name,
+                                                      gram_group=q.group_size if grams_out is not None else None)
             act_stats.append({s: {k: v.cpu() for k, v in d.items()} for s, d in stats.items()})
-        stats = {s: {k: v.to(runner.device) for k, v in d.items()} for s, d in act_stats[i].items()}
+            if grams_out is not None:
+                grams_out.append({k: v.cpu() for k, v in grams.items()})
+            if fit_n:
+                fit_inputs.append(hs_stat[:fit_n].clone())
+        stats = _stats_on(act_stats[i], runner.device)
         work = copy.deepcopy(layer)
         for c, cand in enumerate(cands):
-            prepare_candidate(work, layer, arch, config, stats, cand, q, name)
+            prepare_layer(work, layer, arch, config, stats,
+                          LayerPlan.uniform(cand, arch.active_pairs(config, PAIR_SETS[cand.pairs])), q, layer_name=name)
             streams[c] = runner.run_layer(work, streams[c])
-        if layer_granularity:
-            target = runner.run_layer(layer, hs_layer)
-            best = (math.inf, None, None)
-            for cand in cands:
-                out = runner.run_layer(prepare_candidate(work, layer, arch, config, stats, cand, q, name), hs_layer)
-                mse = float((out - target).pow(2).mean())
-                if mse < best[0]:
-                    best = (mse, cand, out)
-            layer_choice.append(best[1])
-            hs_layer = best[2]
-        if want_ref:
-            hs_ref = runner.run_layer(layer, hs_ref)
+        hs_ref = runner.run_layer(layer, hs_ref)
         del layer, work
-    return act_stats, streams, hs_ref, hs_layer, layer_choice
+    return streams, hs_ref, fit_inputs
 
 
-def _row(cand: Candidate | str, kl: float, nll: float) -> dict:
-    head = asdict(cand) if isinstance(cand, Candidate) else {"alpha": cand}
-    return {**head, "kl": kl, "nll": nll, "ppl": math.exp(nll)}
+def _stats_on(per_layer: dict, device) -> dict:
+    return {s: {k: v.to(device) for k, v in d.items()} for s, d in per_layer.items()}
+
+
+def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: torch.Tensor,
+            progress: bool) -> list[torch.Tensor]:
+    """Per layer i, the squared gradient of the FP model's next-token NLL w.r.t. layer i's output,
+    [n, T, H], normalised to mean 1 (a per-token, per-channel weight of the output error)."""
+    norm, head = runner.head_on_device()
+    labels = _next_token_labels(fit_ids).to(runner.device)
+    x = fit_inputs[-1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = head(norm(x.reshape(-1, x.shape[-1]))).float()
+        ok = labels >= 0
+        loss = torch.nn.functional.cross_entropy(logits[ok], labels[ok], reduction="sum")
+        loss.backward()
+    grad = x.grad.detach()
+    del logits, loss, x
+    weights = [None] * (len(fit_inputs) - 1)
+    for i in reversed(list(_layers(runner, progress, "fisher"))):
+        g2 = grad.pow(2)
+        weights[i] = (g2 / g2.mean().clamp(min=1e-30)).cpu()
+        layer = runner.layer_on_device(i)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        kwargs = runner._capture_kwargs(fit_inputs[i].shape[1])
+        grads = []
+        for xin, gout in zip(fit_inputs[i].split(runner.batch_size), grad.split(runner.batch_size)):
+            xin = xin.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = layer(xin, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(gout)
+            grads.append(xin.grad.detach())
+        grad = torch.cat(grads)
+        del layer
+    return weights
 
 
 @torch.no_grad()
-def search_alpha(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: torch.Tensor,
-                 q: QuantSpec, candidates: list[Candidate] | None = None, refine: bool = True,
-                 granularity: str = "model", device="cpu", batch_size: int = 4,
-                 progress: bool = False) -> SearchResult:
-    """Collect statistics on stat_ids and pick the candidate minimising the whole model's KL on heldout."""
-    t0 = time.perf_counter()
-    cands = candidate_grid() if candidates is None else list(dict.fromkeys(candidates))
-    if IDENTITY not in cands:
-        cands.insert(0, IDENTITY)
-    runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
-    act_stats, streams, hs_ref, hs_layer, layer_choice = _walk(
-        runner, arch, q, heldout, cands, stat_ids, None, True, granularity == "layer", progress)
-    head = runner.head_on_device()
-    ref_logp = [torch.log_softmax(l, dim=-1).to(torch.bfloat16) for l in runner.iter_logits(head, hs_ref)]
-    del hs_ref
-    labels = _next_token_labels(heldout).to(runner.device)
-    ref_nll = sum(_nll_sum(r, l) for r, l in zip(ref_logp, labels.split([r.shape[0] for r in ref_logp])))
-    ref_nll /= int((labels >= 0).sum())
-    scored = {cand: _kl_nll(runner, head, ref_logp, hs, labels) for cand, hs in zip(cands, streams)}
-    del streams
-    layer_row = _row("per-layer", *_kl_nll(runner, head, ref_logp, hs_layer, labels)) if hs_layer is not None else None
+def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, grams: list,
+                    fit_inputs: list[torch.Tensor], weights: list | None, start: Candidate,
+                    opts: SearchOptions, heldout: torch.Tensor) -> tuple[list[LayerPlan], torch.Tensor, list]:
+    """Coordinate descent per layer and pair type on the quantized fit stream; clip; carry on.
 
-    if refine:
-        best = min(scored, key=lambda c: scored[c][0])
-        same = sorted(c.alpha for c in scored if c.alpha is not None and (c.stat, c.pairs) == (best.stat, best.pairs))
-        if best.alpha is not None and len(same) > 1:
-            step = min(b - a for a, b in zip(same, same[1:]))
-            extra = [Candidate(round(best.alpha + d, 6), best.stat, best.pairs) for d in (-step / 2, step / 2)
+    Returns (plans with clip ratios, the held-out stream of the resulting model, per-layer log).
+    """
+    config = runner.model.config
+    pairs = arch.active_pairs(config, PAIR_SETS[opts.pairs])
+    hs_fit = fit_inputs[0].clone()
+    hs_held = runner.embed(heldout)
+    plans, log = [], []
+    for i in _layers(runner, opts.progress, "per-layer"):
+        name = f"layers.{i}"
+        layer = runner.layer_on_device(i)
+        stats = _stats_on(act_stats[i], runner.device)
+        target = fit_inputs[i + 1].to(runner.device)
+        wgt = weights[i].to(runner.device) if weights is not None else None
+        work = copy.deepcopy(layer)
+
+        def err(plan: LayerPlan) -> float:
+            prepare_layer(work, layer, arch, config, stats, plan, q, layer_name=name)
+            d = (runner.run_layer(work, hs_fit) - target).pow(2)
+            return float((d * wgt).mean() if wgt is not None else d.mean())
+
+        plan = LayerPlan.uniform(start, pairs)
+        plan.stat = opts.stat
+        base = err(plan)
+        tried = 1
+        for pair in pairs:
+            cur = plan.alphas.get(pair.prev)
+            best_a, best_e = cur, base
+            for a in dict.fromkeys([None, start.alpha, *opts.layer_trials]):
+                if a == cur:
+                    continue
+                trial = LayerPlan({**plan.alphas, pair.prev: a}, plan.stat)
+                e = err(trial)
+                tried += 1
+                if e < best_e:
+                    best_a, best_e = a, e
+            plan.alphas[pair.prev] = best_a
+            base = best_e
+        gr = {k: v.to(runner.device) for k, v in grams[i].items()} if opts.clip else None
+        found = prepare_layer(work, layer, arch, config, stats, plan, q, gr, clip=opts.clip,
+                              ratios=opts.clip_ratios, layer_name=name)
+        plan.clip = {k: v.cpu() for k, v in found.items()} if found else None
+        hs_fit = runner.run_layer(work, hs_fit)
+        hs_held = runner.run_layer(work, hs_held)
+        plans.append(plan)
+        log.append({"layer": i, "alphas": dict(plan.alphas), "fit_error": base, "trials": tried})
+        del layer, work
+    return plans, hs_held, log
+
+
+@torch.no_grad()
+def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout: torch.Tensor,
+                plans_per_cand: list[list[LayerPlan]], act_stats: list, grams: list | None,
+                clip: bool, opts: SearchOptions, desc: str) -> list[torch.Tensor]:
+    """Held-out streams of per-layer plans; with clip, plans without ratios get them searched (kept)."""
+    config = runner.model.config
+    streams = [runner.embed(heldout) for _ in plans_per_cand]
+    for i in _layers(runner, opts.progress, desc):
+        name = f"layers.{i}"
+        layer = runner.layer_on_device(i)
+        stats = _stats_on(act_stats[i], runner.device)
+        gr = {k: v.to(runner.device) for k, v in grams[i].items()} if (clip and grams) else None
+        work = copy.deepcopy(layer)
+        for c, plans in enumerate(plans_per_cand):
+            plan = plans[i]
+            found = prepare_layer(work, layer, arch, config, stats, plan, q, gr, clip=clip,
+                                  ratios=opts.clip_ratios, layer_name=name)
+            if clip and plan.clip is None and found:
+                plan.clip = {k: v.cpu() for k, v in found.items()}
+            streams[c] = runner.run_layer(work, streams[c])
+        del layer, work
+    return streams
+
+
+def _coarse_grid() -> list[float]:
+    return [0.2, 0.4, 0.6, 0.8]
+
+
+@torch.no_grad()
+def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: torch.Tensor, q: QuantSpec,
+           opts: SearchOptions | None = None, *, device="cpu") -> SearchResult:
+    """Run the search (module docstring) and return the chosen per-layer plans and the table."""
+    opts = opts or SearchOptions()
+    t0 = time.perf_counter()
+    secs: dict[str, float] = {}
+    runner = LayerwiseModel(model, arch, device, batch_size=opts.batch_size)
+    config = model.config
+    n_layers = len(runner.layers)
+    fit_n = min(opts.fit_samples, stat_ids.shape[0]) if opts.granularity == "layer" else 0
+
+    grid = list(opts.alphas) if opts.alphas is not None else _coarse_grid()
+    cands = [IDENTITY] + [Candidate(round(a, 6), opts.stat, opts.pairs) for a in grid]
+    act_stats: list = []
+    grams: list | None = [] if opts.clip else None
+    streams, hs_ref, fit_inputs = _pass_uniform(
+        runner, arch=arch, q=q, heldout=heldout, cands=cands, act_stats=act_stats, stat_ids=stat_ids,
+        fit_n=fit_n, grams_out=grams, progress=opts.progress, desc="calibrate+alpha")
+    scorer = _Scorer(runner, hs_ref, heldout)
+    del hs_ref
+    scored = {c: scorer(s) for c, s in zip(cands, streams)}
+    del streams
+    secs["calibrate_and_alpha_grid"] = time.perf_counter() - t0
+
+    if opts.refine and opts.alphas is None:
+        for step in (0.1, 0.05):
+            best = min(scored, key=lambda c: scored[c][0])
+            if best.alpha is None:
+                smoothed = [c for c in scored if c.alpha is not None]
+                best = min(smoothed, key=lambda c: scored[c][0])
+            extra = [Candidate(round(best.alpha + d, 6), opts.stat, opts.pairs) for d in (-step, step)
                      if 0.0 <= best.alpha + d <= 1.0]
             extra = [c for c in extra if c not in scored]
             if extra:
-                _, more, _, _, _ = _walk(runner, arch, q, heldout, extra, None, act_stats, False, False, progress)
-                for cand, hs in zip(extra, more):
-                    scored[cand] = _kl_nll(runner, head, ref_logp, hs, labels)
-    best = min(scored, key=lambda c: scored[c][0])
-    return SearchResult(best=best, table=[_row(c, *v) for c, v in scored.items()], act_stats=act_stats,
-                        layer_choice=layer_choice or None, layer_row=layer_row,
-                        fp_row=_row("full precision", 0.0, ref_nll), seconds=time.perf_counter() - t0,
-                        n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel())
+                more, _, _ = _pass_uniform(runner, arch=arch, q=q, heldout=heldout, cands=extra,
+                                           act_stats=act_stats, progress=opts.progress, desc=f"refine {step:g}")
+                scored.update({c: scorer(s) for c, s in zip(extra, more)})
+        secs["alpha_refine"] = time.perf_counter() - t0 - sum(secs.values())
+
+    def name_of(c: Candidate) -> str:
+        return "rtn" if c.alpha is None else f"alpha={c.alpha:g}"
+
+    def uniform(c: Candidate) -> list[LayerPlan]:
+        return [LayerPlan.uniform(c, arch.active_pairs(config, PAIR_SETS[c.pairs])) for _ in range(n_layers)]
+
+    table = [_row(name_of(c), *scored[c], kind="whole-model", alpha=c.alpha, stat=c.stat, pairs=c.pairs,
+                  clip=False) for c in scored]
+    paper = min(scored, key=lambda c: scored[c][0])
+    # the best smoothed alpha, even where the identity beat it (it may win once clipped or refined)
+    smoothed_best = min((c for c in scored if c.alpha is not None), key=lambda c: scored[c][0], default=None)
+    finals: dict[str, list[LayerPlan]] = {name_of(c): uniform(c) for c in (IDENTITY, paper, smoothed_best) if c}
+
+    if opts.clip:
+        t = time.perf_counter()
+        clip_cands = {name_of(c) + "+clip": uniform(c) for c in (IDENTITY, smoothed_best) if c}
+        outs = _pass_plans(runner, arch=arch, q=q, heldout=heldout, plans_per_cand=list(clip_cands.values()),
+                           act_stats=act_stats, grams=grams, clip=True, opts=opts, desc="clip")
+        for (name, plans), hs, c in zip(clip_cands.items(), outs, (IDENTITY, smoothed_best)):
+            table.append(_row(name, *scorer(hs), kind="whole-model", alpha=c.alpha, stat=c.stat, pairs=c.pairs,
+                              clip=True))
+            finals[name] = plans
+        secs["clip"] = time.perf_counter() - t
+
+    layer_log = None
+    if opts.granularity == "layer":
+        t = time.perf_counter()
+        weights = _fisher(runner, fit_inputs, stat_ids[:fit_n], opts.progress) if opts.fisher else None
+        secs["fisher"] = time.perf_counter() - t
+        start = paper if paper.alpha is not None else (smoothed_best or IDENTITY)
+        plans, hs, layer_log = _pass_layerwise(runner, arch=arch, q=q, act_stats=act_stats, grams=grams or [],
+                                               fit_inputs=fit_inputs, weights=weights, start=start, opts=opts,
+                                               heldout=heldout)
+        name = "per-layer" + ("+clip" if opts.clip else "")
+        table.append(_row(name, *scorer(hs), kind="per-layer", clip=opts.clip, start_alpha=start.alpha,
+                          loss="fisher-weighted" if opts.fisher else "mse"))
+        finals[name] = plans
+        secs["per_layer"] = time.perf_counter() - t - secs["fisher"]
+
+    rows = {r["name"]: r for r in table}
+    best = min(finals, key=lambda n: rows[n]["kl"])
+    secs["total"] = time.perf_counter() - t0
+    return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
+                        paper=paper, layer_log=layer_log, fp_row=_row("full precision", 0.0, scorer.fp_nll),
+                        seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel())
+
+
+@torch.no_grad()
+def apply_plans(model: nn.Module, arch: ArchSpec, act_stats: list[dict], plans: list[LayerPlan],
+                q: QuantSpec) -> None:
+    """Write the plans into the stored model in place (its own dtype): smoothing, then clipping."""
+    layers = get_module(model, arch.layers)
+    for i, (layer, plan) in enumerate(zip(layers, plans)):
+        pairs = arch.active_pairs(model.config)
+        for pair in pairs:
+            alpha = plan.alphas.get(pair.prev)
+            if alpha is None:
+                continue
+            fcs = [get_module(layer, n) for n in pair.linears]
+            s = compute_smooth_scales(act_stats[i][plan.stat][pair.linears[0]], [fc.weight for fc in fcs], alpha)
+            apply_smooth(get_module(layer, pair.prev), fcs, s, pair.kind)
+        if plan.clip is not None:
+            for name in arch.linears:
+                w = get_module(layer, name).weight
+                w.copy_(apply_clip(w, plan.clip[name].to(w.device), q.group_size, w.dtype))
 
 
 @torch.no_grad()
@@ -224,4 +503,5 @@ def apply_smoothing(model: nn.Module, arch: ArchSpec, act_stats: list[dict],
         if cand.alpha is None:
             continue
         stats = act_stats[i][cand.stat] if cand.stat in act_stats[i] else act_stats[i]
+        from vllm_sqplus.smooth import smooth_layer
         smooth_layer(layer, arch.active_pairs(model.config, PAIR_SETS[cand.pairs]), stats, cand.alpha)

@@ -18,25 +18,37 @@ from pathlib import Path
 
 import torch
 
-from vllm_sqplus import QUANT_METHOD, __version__
+from vllm_sqplus import __version__
+from vllm_sqplus.arch import PAIR_SETS
+from vllm_sqplus.calib import DEFAULT_CALIB
 from vllm_sqplus.errors import SqplusError
 
 STATS_DIR = "sqplus_stats"
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("smooth", help="calibrate + search alpha + write a smoothed checkpoint",
+    p = sub.add_parser("smooth", help="calibrate + search + write a smoothed checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--calib", default="humaneval", help="humaneval | FILE.jsonl | FILE.txt")
-    p.add_argument("--samples", type=int, default=128, help="calibration samples for statistics")
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help="stdlib (default: 24 Python standard-library modules, disjoint from every evaluation "
+                        "text and from HumanEval; see vllm_sqplus/corpora.py) | humaneval | FILE.jsonl | FILE.txt")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples for statistics")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--heldout", type=int, default=4,
                    help="samples held back from the statistics to score the search (default 4)")
     p.add_argument("--alpha", default="auto", help="auto (search) or a fixed value in [0, 1]")
-    p.add_argument("--alpha-step", type=float, default=0.05, help="search grid step over [0, 1]")
-    p.add_argument("--no-refine", action="store_true", help="skip the best +/- step/2 refinement")
-    p.add_argument("--alpha-granularity", choices=["model", "layer"], default="model")
+    p.add_argument("--alpha-step", type=float, default=None,
+                   help="whole-model alpha grid step over [0, 1] (default: grid 0.2..0.8, refined to 0.05)")
+    p.add_argument("--no-refine", action="store_true", help="skip the whole-model alpha refinement")
+    p.add_argument("--alpha-granularity", choices=["model", "layer"], default="layer",
+                   help="model: one alpha for the whole model (the paper's form); layer (default): then "
+                        "refine each layer's pair types against the whole model's loss")
+    p.add_argument("--layer-loss", choices=["fisher", "mse"], default="fisher",
+                   help="per-layer refinement: layer-output error weighted by the loss gradient (fisher) or plain")
+    p.add_argument("--fit-samples", type=int, default=4,
+                   help="statistics samples the per-layer refinement fits on (default 4)")
+    p.add_argument("--no-clip", action="store_true", help="no clipping search (plain min-max ranges)")
     p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
     p.add_argument("--act-stat", choices=["max", "mean"], default="max",
@@ -67,26 +79,52 @@ def _log(msg: str) -> None:
     print(f"[sqplus smooth] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args) -> int:
-    from vllm_sqplus.calib import load_calibration_texts, split_heldout, tokenize_samples
-    from vllm_sqplus.checkpoint import (check_group_sizes, check_output_dir, load_model, read_config,
-                                        save_model, write_checkpoint_atomic)
-    from vllm_sqplus.arch import PAIR_SETS
-    from vllm_sqplus.search import (IDENTITY, Candidate, QuantSpec, apply_smoothing, candidate_grid,
-                                    search_alpha)
-
-    t0 = time.perf_counter()
-    alpha_arg = _parse_alpha(args.alpha)
-    if args.samples < 1 or args.seq_len < 8 or args.heldout < 1:
-        raise SqplusError("--samples and --heldout must be >= 1 and --seq-len >= 8")
-    if not 0 < args.alpha_step <= 0.5:
+def validate(args):
+    """Every cheap check before any heavy work -> (alpha, output folder, calibration texts)."""
+    from vllm_sqplus.calib import load_calibration_texts
+    from vllm_sqplus.checkpoint import check_output_dir, read_config
+    from vllm_sqplus.config import check_group_size_supported
+    alpha = _parse_alpha(args.alpha)
+    if args.samples < 1 or args.seq_len < 8 or args.heldout < 1 or args.fit_samples < 1:
+        raise SqplusError("--samples, --heldout and --fit-samples must be >= 1 and --seq-len >= 8")
+    if args.alpha_step is not None and not 0 < args.alpha_step <= 0.5:
         raise SqplusError(f"--alpha-step must lie in (0, 0.5], got {args.alpha_step}")
+    raw = read_config(args.model_dir)  # folder, config.json
+    # the kernels' group-size rule, on every input width of a decoder layer, before any heavy work
+    heads = raw.get("num_attention_heads") or 1
+    widths = {"hidden_size": raw.get("hidden_size"), "intermediate_size": raw.get("intermediate_size"),
+              "num_attention_heads x head_dim": heads * (raw.get("head_dim") or (raw.get("hidden_size") or 0) // heads)}
+    for what, k in widths.items():
+        if isinstance(k, int) and k > 0:
+            check_group_size_supported(k, args.group_size, f"--group-size {args.group_size} ({what} {k})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SqplusError(f"--device {args.device}: no CUDA device is available")
-    read_config(args.model_dir)  # cheap checks first: folder, config.json
     out = check_output_dir(args.model_dir, args.out, args.overwrite)
-    texts = load_calibration_texts(args.calib)
+    return alpha, out, load_calibration_texts(args.calib)
 
+
+def search_options(args, alpha):
+    from vllm_sqplus.search import SearchOptions
+    fixed = alpha != "auto"
+    grid = None
+    if fixed:
+        grid = (alpha,)
+    elif args.alpha_step is not None:
+        n = int(round(1.0 / args.alpha_step))
+        grid = tuple(round(i * args.alpha_step, 6) for i in range(n + 1))
+    return SearchOptions(granularity="model" if fixed else args.alpha_granularity, clip=not args.no_clip,
+                         stat=args.act_stat, pairs=args.pairs, alphas=grid,
+                         refine=not args.no_refine and not fixed, fit_samples=args.fit_samples,
+                         fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True)
+
+
+def run(args) -> int:
+    from vllm_sqplus.calib import split_heldout, tokenize_samples
+    from vllm_sqplus.checkpoint import check_group_sizes, load_model
+    from vllm_sqplus.search import QuantSpec, apply_plans, search
+
+    t0 = time.perf_counter()
+    alpha, out, texts = validate(args)
     _log(f"loading {args.model_dir}")
     model, arch = load_model(args.model_dir, args.dtype)
     check_group_sizes(model, arch, args.group_size)
@@ -95,61 +133,62 @@ def run(args) -> int:
         tok = AutoTokenizer.from_pretrained(args.model_dir)
     except Exception as e:  # noqa: BLE001
         raise SqplusError(f"cannot load the tokenizer of {args.model_dir}: {e}") from None
-
     samples = tokenize_samples(tok, texts, args.samples + args.heldout, args.seq_len)
     stat_ids, heldout = split_heldout(samples, args.heldout)
     _log(f"calibration: {stat_ids.shape[0]} x {args.seq_len} tokens for statistics, "
          f"{heldout.shape[0]} x {args.seq_len} held out for the search ({args.calib})")
-    store_dtype = next(model.parameters()).dtype
-    q = QuantSpec(args.group_size, not args.no_zero_point, store_dtype)
-    if alpha_arg == "auto":
-        cands = candidate_grid(args.alpha_step, (args.act_stat,), (args.pairs,))
-    else:
-        cands = [IDENTITY, Candidate(alpha_arg, args.act_stat, args.pairs)]
-    res = search_alpha(model, arch, stat_ids, heldout, q, cands,
-                       refine=alpha_arg == "auto" and not args.no_refine, granularity=args.alpha_granularity,
-                       device=args.device, batch_size=args.batch_size, progress=True)
-    chosen = res.best if alpha_arg == "auto" else cands[1]
-    if args.alpha_granularity == "layer":
-        apply_smoothing(model, arch, res.act_stats, res.layer_choice)
-    else:
-        apply_smoothing(model, arch, res.act_stats, chosen)
-    rows = {(r["alpha"], r["stat"], r["pairs"]): r for r in res.table}
-    rtn = rows[(None, "max", "all")]
-    best = rows[(chosen.alpha, chosen.stat, chosen.pairs)]
-    if args.alpha_granularity == "layer":  # what was written is the per-layer choice, not `chosen`
-        best = res.layer_row
-        n_smoothed = sum(c.alpha is not None for c in res.layer_choice)
-        _log(f"search: {len(res.table)} candidates per layer in {res.seconds:.0f}s; per-layer choice smooths "
-             f"{n_smoothed} of {len(res.layer_choice)} layers (KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
-    else:
-        _log(f"search: {len(res.table)} candidates in {res.seconds:.0f}s; chosen {chosen.label} "
-             f"(KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
 
-    layer_alphas = [c.alpha for c in res.layer_choice] if res.layer_choice else None
-    qcfg = {
-        "quant_method": QUANT_METHOD, "bits": 4, "group_size": args.group_size,
-        "zero_point": not args.no_zero_point, "alpha": chosen.alpha,
-        "act_stat": args.act_stat, "alpha_granularity": args.alpha_granularity,
-        **({"layer_alphas": layer_alphas} if layer_alphas else {}),
+    q = QuantSpec(args.group_size, not args.no_zero_point, next(model.parameters()).dtype)
+    res = search(model, arch, stat_ids, heldout, q, search_options(args, alpha), device=args.device)
+    if alpha != "auto":  # the user's alpha, as asked (clipped unless --no-clip)
+        chosen = f"alpha={alpha:g}" + ("" if args.no_clip else "+clip")
+    else:
+        chosen = res.best
+    rows = {r["name"]: r for r in res.table}
+    best, rtn = rows[chosen], rows["rtn"]
+    _log(f"search: {len(res.table)} settings scored in {res.seconds['total']:.0f}s; chosen {chosen} "
+         f"(held-out KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
+    plans = res.finals[chosen]
+    apply_plans(model, arch, res.act_stats, plans, q)
+    write(args, out, model, res, chosen, plans, stat_ids, heldout)
+    _log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) -> None:
+    """The smoothed checkpoint, its quantization_config, the search table, plot and statistics."""
+    from vllm_sqplus.arch import get_arch
+    from vllm_sqplus.checkpoint import save_model, write_checkpoint_atomic
+    from vllm_sqplus.config import SqplusConfig
+    arch = get_arch(model.config)
+    rows = {r["name"]: r for r in res.table}
+    best, rtn = rows[chosen], rows["rtn"]
+    per_layer_kind = best.get("kind") == "per-layer"
+    per_layer = [p.describe() for p in plans]
+    extra = {
+        "alpha": None if per_layer_kind else best.get("alpha"),
+        "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
+        "clipped": any(p.clip is not None for p in plans),
+        "choice": chosen,
+        **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
                            for p in arch.active_pairs(model.config, PAIR_SETS[args.pairs])],
-        "modules_to_not_convert": ["lm_head"],
         "calibration": {"data": args.calib, "samples": int(stat_ids.shape[0]),
                         "heldout_samples": int(heldout.shape[0]), "seq_len": args.seq_len},
         "search": {"loss": "mean KL(full precision || smoothed + fake INT4) on held-out tokens",
-                   "kl": best["kl"], "rtn_kl": rtn["kl"], "seconds": round(res.seconds, 1),
+                   "kl": best["kl"], "rtn_kl": rtn["kl"], "seconds": round(res.seconds["total"], 1),
                    "table": "sqplus_search.json"},
         "sqplus_version": __version__,
     }
-    table = {"model": str(args.model_dir), "group_size": args.group_size, "zero_point": q.zero_point,
-             "pairs": args.pairs, "act_stat": args.act_stat, "chosen_alpha": chosen.alpha,
-             "fp": res.fp_row, "rows": res.table,
-             "per_layer": ({"alphas": layer_alphas, **res.layer_row} if res.layer_row else None),
+    qcfg = SqplusConfig(group_size=args.group_size, zero_point=not args.no_zero_point).to_dict(extra=extra)
+    table = {"model": str(args.model_dir), "group_size": args.group_size, "zero_point": not args.no_zero_point,
+             "pairs": args.pairs, "act_stat": args.act_stat, "chosen": chosen,
+             "chosen_alpha": extra["alpha"], "paper_alpha": res.paper.alpha,
+             "fp": res.fp_row, "rows": res.table, "layers": per_layer, "layer_log": res.layer_log,
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
              "seconds": res.seconds}
 
-    def write(tmp: Path) -> None:
+    def files(tmp: Path) -> None:
         save_model(model, args.model_dir, tmp, qcfg)
         (tmp / "sqplus_search.json").write_text(json.dumps(table, indent=2) + "\n")
         from safetensors.torch import save_file
@@ -160,9 +199,7 @@ def run(args) -> int:
                   str(tmp / STATS_DIR / "act_scales.safetensors"))
         plot_search(table, tmp / "sqplus_search.png")
 
-    write_checkpoint_atomic(out, args.overwrite, write)
-    _log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
-    return 0
+    write_checkpoint_atomic(out, args.overwrite, files)
 
 
 def plot_search(table: dict, path: Path) -> None:
@@ -173,14 +210,18 @@ def plot_search(table: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = sorted((r for r in table["rows"] if r["alpha"] is not None), key=lambda r: r["alpha"])
-    rtn = next(r for r in table["rows"] if r["alpha"] is None)
+    uniform = [r for r in table["rows"] if r.get("kind") == "whole-model" and not r.get("clip")]
+    rows = sorted((r for r in uniform if r["alpha"] is not None), key=lambda r: r["alpha"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["alpha"] for r in rows], [r["kl"] for r in rows], "o-", label="smoothed + INT4")
-    ax.axhline(rtn["kl"], color="gray", ls="--", label="no smoothing (RTN)")
+    ax.plot([r["alpha"] for r in rows], [r["kl"] for r in rows], "o-", label="whole-model alpha + INT4")
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
+    for r in table["rows"]:
+        if r["name"] == "rtn" or r.get("clip") or r.get("kind") == "per-layer":
+            ax.axhline(r["kl"], ls=next(styles, "--"), color="gray" if r["name"] == "rtn" else None,
+                       label=r["name"] if r["name"] != "rtn" else "no smoothing (RTN)")
     ax.set_xlabel("alpha")
     ax.set_ylabel("KL(FP || quantized), held-out tokens")
-    ax.set_title(f"alpha search (g{table['group_size']}): chosen {table['chosen_alpha']}")
+    ax.set_title(f"search (g{table['group_size']}): chosen {table['chosen']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

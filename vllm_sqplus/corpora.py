@@ -1,0 +1,93 @@
+"""Fixed texts for calibration and evaluation, disjoint by construction, shipped with every Python.
+
+No model hub or data set is reachable on the machines this project runs on, so the texts come from
+the running Python's own standard library (the same bytes on every machine with the same Python):
+
+  calibration (default of `sqplus smooth`, and what the peers in benchmarks/peers are given):
+      CALIB_CODE_FILES, 24 stdlib modules (Python code with English docstrings and comments),
+      cut into blocks and interleaved so that every sample mixes several modules;
+  held-out code (evaluation):
+      EVAL_CODE_FILES, 12 other stdlib modules (benchmarks/accuracy.py has used them since session 1);
+  held-out English (evaluation):
+      the prose of the Python reference manual that pydoc ships (pydoc_data/topics.py), English text
+      with a little inline code; never part of calibration.
+
+HumanEval is never part of any of these, so calibrating on the default cannot leak into the
+HumanEval score. The two file lists share no file (checked at import).
+"""
+from __future__ import annotations
+
+import ast
+import sysconfig
+from pathlib import Path
+
+from vllm_sqplus.errors import SqplusError
+
+CALIB_CODE_FILES = (
+    "email/_header_value_parser.py", "http/client.py", "http/server.py", "logging/__init__.py",
+    "unittest/case.py", "asyncio/base_events.py", "pathlib.py", "tarfile.py", "zipfile.py",
+    "configparser.py", "inspect.py", "typing.py", "dataclasses.py", "enum.py", "pickle.py",
+    "subprocess.py", "threading.py", "collections/__init__.py", "datetime.py", "_pydecimal.py",
+    "ipaddress.py", "urllib/request.py", "ast.py", "shutil.py",
+)
+EVAL_CODE_FILES = (
+    "argparse.py", "textwrap.py", "difflib.py", "heapq.py", "functools.py", "fractions.py",
+    "shlex.py", "string.py", "calendar.py", "csv.py", "json/decoder.py", "statistics.py",
+)
+EVAL_ENGLISH_FILE = "pydoc_data/topics.py"
+_BLOCK_CHARS = 3000
+
+assert not set(CALIB_CODE_FILES) & set(EVAL_CODE_FILES), "calibration and evaluation files overlap"
+assert EVAL_ENGLISH_FILE not in CALIB_CODE_FILES
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read(rel: str) -> str:
+    path = stdlib_dir() / rel
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SqplusError(f"standard-library file {path} is missing ({e.strerror}); this Python "
+                          f"installation has no full standard library: pass --calib FILE") from None
+
+
+def _blocks(text: str, size: int = _BLOCK_CHARS) -> list[str]:
+    """Cut text at blank lines into blocks of about `size` characters (whole lines, in order)."""
+    out, cur, n = [], [], 0
+    for para in text.split("\n\n"):
+        cur.append(para)
+        n += len(para) + 2
+        if n >= size:
+            out.append("\n\n".join(cur))
+            cur, n = [], 0
+    if cur:
+        out.append("\n\n".join(cur))
+    return out
+
+
+def calibration_texts() -> list[str]:
+    """The default calibration texts: blocks of CALIB_CODE_FILES, round-robin over the files."""
+    per_file = [_blocks(_read(f)) for f in CALIB_CODE_FILES]
+    out = []
+    for i in range(max(map(len, per_file))):
+        out.extend(blocks[i] for blocks in per_file if i < len(blocks))
+    return out
+
+
+def eval_code_text() -> str:
+    """Held-out Python code: EVAL_CODE_FILES joined (never calibrated on)."""
+    return "\n\n".join(_read(f) for f in EVAL_CODE_FILES)
+
+
+def eval_english_text() -> str:
+    """Held-out English: the reference-manual topics pydoc ships, in their stored order."""
+    topics = None
+    for node in ast.parse(_read(EVAL_ENGLISH_FILE)).body:  # `topics = {...}`: a literal, not run
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+            topics = ast.literal_eval(node.value)
+    if not isinstance(topics, dict) or not topics:
+        raise SqplusError(f"{EVAL_ENGLISH_FILE} holds no 'topics' dict")
+    return "\n\n".join(topics[k] for k in sorted(topics))
