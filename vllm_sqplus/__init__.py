@@ -8,6 +8,15 @@ Pipeline, one file per stage:
   quant.py      reference group-wise INT4 (the ground truth of every kernel)
   kernels/      W4A16 GEMM ops (csrc/) and the W4A16Linear module
   plugin.py     vLLM entry point; vllm_compat.py holds every vLLM import
+  hf.py         transformers quantizer (from_pretrained -> W4A16Linear), registered by hf_hook.py
 """
 __version__ = "0.1.0"
 QUANT_METHOD = "smoothquant_plus"
+
+# transformers: register smoothquant_plus once transformers' quantizers load (stdlib only here:
+# importing vllm_sqplus stays cheap and works without transformers)
+try:
+    from vllm_sqplus import hf_hook as _hf_hook
+    _hf_hook.install()
+except Exception:  # noqa: BLE001 - never fail the import of the package
+    pass
