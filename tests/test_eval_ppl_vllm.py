@@ -22,10 +22,9 @@ import torch
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 pytest.importorskip("vllm")
-from tiny import save_tiny  # noqa: E402
+from tiny import fake_quantize_model, save_tiny  # noqa: E402
 
 from vllm_sqplus.eval.ppl import chunk_ids  # noqa: E402
-from vllm_sqplus.quant import dequantize_int4, quantize_int4  # noqa: E402
 
 SEQ = 64
 TEXT = "\n".join(
@@ -38,10 +37,7 @@ def _reference_ppl(model_dir: Path, chunks: list[list[int]], quantized: bool) ->
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if quantized:
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-                q, s, z = quantize_int4(mod.weight, 128, True)
-                mod.weight.copy_(dequantize_int4(q, s, z, 128, torch.float32))
+        fake_quantize_model(model, 128, True)
     nll, n = 0.0, 0
     for c in chunks:
         logp = torch.log_softmax(model(torch.tensor([c])).logits[0, :-1].double(), -1)

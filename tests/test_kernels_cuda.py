@@ -20,8 +20,9 @@ try:
 except Exception:  # extension not built
     HAVE_OP = False
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_OP),
-                                reason="needs a CUDA GPU and the extension built with CUDA")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_OP),
+                                 reason="needs a CUDA GPU and the extension built with CUDA")]
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 PATH_AUTO, PATH_STREAM, PATH_DEQUANT = 0, 1, 2
@@ -58,7 +59,7 @@ def _run(m, n, k, group, zero_point, dtype, bias, path, seed=0):
     if b is not None:
         ref = ref + b.float()
     _poison()
-    y = torch.ops.sqplus.w4a16_gemm_path(x, qw, sp, zp, group, b, path)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, group, b, path)
     torch.cuda.synchronize()
     assert y.dtype == dtype and tuple(y.shape) == (m, n)
     assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite output"
@@ -122,8 +123,26 @@ def test_leading_dims_and_api():
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.float16)
     ref = x.float() @ dequantize_int4(q, s, z, 128, torch.float32).T
     y = lin(x)
+    assert lin.backend.name == "cuda"  # our kernel ran, not the reference
     assert y.shape == (2, 3, 256) and y.dtype == torch.float16
     assert _relerr(y, ref) <= TOL[torch.float16]
+
+
+def test_backend_paths_and_auto_fallback():
+    from vllm_sqplus.errors import SqplusError
+    from vllm_sqplus.kernels import CudaBackend, W4A16Linear
+    q, s, z = _quantized(256, 512, 128, True, torch.float16, 2)
+    x = torch.randn(24, 512, device="cuda", dtype=torch.float16)
+    ref = x.float() @ dequantize_int4(q, s, z, 128, torch.float32).T
+    for path in ("stream", "dequant", "auto"):
+        b = CudaBackend(path=path)
+        assert _relerr(b.apply(x, b.pack(q, s, z, 128), 128), ref) <= TOL[torch.float16], path
+    q, s, z = _quantized(96, 256, 128, True, torch.float16, 4)  # N = 96: not our kernel's shape
+    with pytest.warns(RuntimeWarning, match="N a multiple of 64"):
+        lin = W4A16Linear.from_quantized(q, s, z, 128)
+    assert lin.backend.name == "reference"
+    with pytest.raises(SqplusError, match="N a multiple of 64"):
+        W4A16Linear.from_quantized(q, s, z, 128, backend="sqplus")
 
 
 def test_bad_shapes_raise():

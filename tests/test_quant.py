@@ -20,14 +20,22 @@ def test_shapes_ranges_and_error_bound(group_size, zero_point, dtype):
     if not zero_point:
         assert bool((z == 8).all())
     w_hat = dequantize_int4(q, s, z, group_size, torch.float32)
-    # round-to-nearest: error at most half a step (plus the scale's own rounding to dtype)
-    err = (w.float() - w_hat).abs().reshape(96, -1, g)
+    # round-to-nearest: error at most half a step (plus the scale's own rounding to dtype); neither
+    # scheme clips (min-max covers the range; symmetric maps max|w| to 7 and never reaches -8)
+    wg = w.float().reshape(96, -1, g)
+    err = (wg - w_hat.reshape(96, -1, g)).abs()
     step = s.float().unsqueeze(-1)
     slack = 0.5 + (0.02 if dtype != torch.float32 else 1e-4) * 15
-    if zero_point:  # min-max covers the range: no clipping
-        assert bool((err <= step * slack).all())
-    else:  # symmetric: max|w| maps to 7 exactly; -8 side never clips either
-        assert bool((err <= step * slack).all())
+    assert bool((err <= step * slack).all())
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    if zero_point:  # min-max: [min(w, 0), max(w, 0)] in 15 steps, the zero point shifts the grid
+        want = (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15
+        torch.testing.assert_close(s.float(), want, rtol=ulp, atol=0)
+        assert bool((z != 8).any())  # random groups are not centred: zero points vary
+    else:  # symmetric: step max|w| / 7, zero 8, and the largest |w| of each group is on the grid
+        torch.testing.assert_close(s.float(), wg.abs().amax(-1) / 7, rtol=ulp, atol=0)
+        at_max = err.gather(-1, wg.abs().argmax(-1, keepdim=True))
+        assert bool((at_max <= 7 * step * ulp * 1.01).all())
 
 
 def test_sqnr_on_gaussian_is_about_20db():

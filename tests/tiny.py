@@ -64,3 +64,20 @@ def save_tiny(path: Path, arch: str = "llama", dtype=torch.float32, **kw) -> Pat
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def fake_quantize_model(model, group_size: int = 128, zero_point: bool = True,
+                        match: str = ".layers.") -> int:
+    """The ground truth of what smoothquant_plus serves: every nn.Linear whose name contains
+    `match` (the decoder linears; lm_head and embeddings kept) gets
+    dequantize_int4(quantize_int4(w)) in place, in the weight's dtype. Returns how many."""
+    from vllm_sqplus.quant import dequantize_int4, quantize_int4
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and match in name:
+            q, s, z = quantize_int4(mod.weight, group_size, zero_point, name=name)
+            mod.weight.copy_(dequantize_int4(q, s, z, group_size, torch.float32))
+            n += 1
+    assert n, f"fake_quantize_model: no nn.Linear named like '*{match}*'"
+    return n
