@@ -125,7 +125,10 @@ def load_variant(kind: str, path, group_size: int):
     if kind in ("fp", "rtn", "prequantized") and method not in (None, "smoothquant_plus"):
         raise EvalError(f"{path}: quant_method {method!r} (a packed checkpoint); give its dense "
                         f"dequantized form (benchmarks/peers writes OUT/dense)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    # the stored weights themselves: `import vllm_sqplus` registers our transformers quantizer, which
+    # would turn a smoothed checkpoint's linears into W4A16Linear; here they are fake-quantized instead
+    from vllm_sqplus.checkpoint import load_full_precision
+    model = load_full_precision(path, torch.float32, attn_implementation="sdpa")
     info = {"stored_dtype": cfg.get("dtype") or cfg.get("torch_dtype")}
     if kind in ("rtn", "smoothed"):
         info["fake_quantized_linears"] = fake_quantize_model(model, group_size)
@@ -150,9 +153,16 @@ def producer_record(kind: str, path) -> dict | None:
     f = path / "sqplus_search.json"
     if kind == "smoothed" and f.is_file():
         r = json.loads(f.read_text())
-        keep = ("seconds", "peak_rss_gib", "peak_rss_mib", "peak_rss_bytes", "command", "date", "machine",
-                "chosen_alpha", "alpha", "method")
-        return {"file": str(f), **{k: r[k] for k in keep if k in r}}
+        keep = ("peak_rss_gib", "peak_rss_mib", "peak_rss_bytes", "command", "date", "machine",
+                "chosen", "chosen_alpha", "paper_alpha")
+        rec = {"file": str(f), **{k: r[k] for k in keep if k in r}}
+        secs = r.get("seconds")
+        rec["seconds"] = secs.get("total") if isinstance(secs, dict) else secs
+        rec["seconds_by_phase"] = secs if isinstance(secs, dict) else None
+        if "date" not in rec:  # the search table has none: the file's time stands for it
+            rec["date"] = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(
+                timespec="seconds") + " (file mtime)"
+        return rec
     return None
 
 

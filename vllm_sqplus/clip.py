@@ -83,7 +83,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, group_size: int, zero_point
         ratios = (1.0, *[r for r in ratios if r != 1.0])  # no clipping first: it wins ties
         for r in ratios:
             rr = torch.full((m, k // g), float(r))
-            wq = pseudo_quantize_int4(apply_clip(wc, rr, g, store_dtype) if r < 1.0 else wc, g, zero_point).float()
+            wc_r = apply_clip(wc, rr, g, store_dtype) if r < 1.0 else wc
+            wq = pseudo_quantize_int4(wc_r.to(store_dtype or wc.dtype), g, zero_point).float()
             d = (wc.float() - wq).reshape(m, k // g, g).transpose(0, 1)   # [K/g, m, g]
             err = (torch.bmm(d, gram) * d).sum(-1).transpose(0, 1)        # [m, K/g]
             if r == 1.0:

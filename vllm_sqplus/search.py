@@ -157,9 +157,9 @@ def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats
                 r, _ = search_clip(w, gram, q.group_size, q.zero_point, ratios, q.store_dtype)
             found[name] = r
             w.copy_(apply_clip(w, r.to(w.device), q.group_size, q.store_dtype))
-    for name in arch.linears:
+    for name in arch.linears:  # quantized exactly as the plugin will: from the stored dtype's values
         w = get_module(work, name).weight
-        w.copy_(pseudo_quantize_int4(w, q.group_size, q.zero_point, f"{layer_name}.{name}"))
+        w.copy_(pseudo_quantize_int4(w.to(q.store_dtype), q.group_size, q.zero_point, f"{layer_name}.{name}"))
     return found
 
 
@@ -178,11 +178,6 @@ def prepare_candidate(work, src, arch, config, stats, cand: Candidate, q: QuantS
 
 # ---- loss --------------------------------------------------------------------------------------
 
-def _nll_sum(logp: torch.Tensor, labels: torch.Tensor) -> float:
-    ok = labels >= 0
-    return float(-logp[ok].float().gather(1, labels[ok, None]).sum())
-
-
 def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     lab = torch.full_like(ids, -1)
     lab[:, :-1] = ids[:, 1:]
@@ -190,25 +185,58 @@ def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Scorer:
-    """Whole-model loss of a final hidden-state stream vs the full-precision reference."""
+    """Whole-model loss of a final hidden-state stream vs the full-precision reference.
 
-    def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor):
-        self.runner, self.head = runner, runner.head_on_device()
-        self.ref_logp = [torch.log_softmax(l, -1).to(torch.bfloat16) for l in runner.iter_logits(self.head, hs_ref)]
+    KL(P || Q) per token = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z), with z = W h (+ b) the
+    candidate's logits. Since sum_v p_v z_v = h . (p W) (+ p . b), the reference distribution is
+    kept as m = p W ([tokens, hidden]) and one number per token instead of [tokens, vocab]: a
+    candidate costs one lm_head matmul and one logsumexp, and memory stays small for big vocabularies.
+    """
+
+    def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor,
+                 tokens_per_chunk: int = 1024):
+        self.runner, self.chunk = runner, tokens_per_chunk
+        self.norm, self.lm_head = runner.head_on_device()
+        w = self.lm_head.weight.float()
+        b = self.lm_head.bias.float() if getattr(self.lm_head, "bias", None) is not None else None
         self.labels = _next_token_labels(heldout).to(runner.device)
         self.n_lab = int((self.labels >= 0).sum())
-        sizes = [r.shape[0] for r in self.ref_logp]
-        self.fp_nll = sum(_nll_sum(r, l) for r, l in zip(self.ref_logp, self.labels.split(sizes))) / self.n_lab
+        self.m, self.pb, self.neg_entropy = [], [], 0.0
+        nll = 0.0
+        for h, lab in zip(self._hidden(hs_ref), self.labels.split(self.chunk)):
+            logits = self._logits(h)
+            logp = torch.log_softmax(logits, -1)
+            p = logp.exp()
+            self.neg_entropy += float((p * logp).sum())
+            self.m.append(p @ w)
+            self.pb.append(p @ b if b is not None else None)
+            nll += self._nll(logits, torch.logsumexp(logits, -1), lab)
+            del logits, logp, p
+        self.fp_nll = nll / self.n_lab
 
+    def _hidden(self, hs: torch.Tensor):
+        for chunk in hs.reshape(-1, hs.shape[-1]).split(self.chunk):
+            yield self.norm(chunk).float()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    @staticmethod
+    def _nll(logits: torch.Tensor, lse: torch.Tensor, lab: torch.Tensor) -> float:
+        ok = lab >= 0
+        return float((lse[ok] - logits[ok.nonzero()[:, 0], lab[ok]]).sum())
+
+    @torch.no_grad()
     def __call__(self, hs: torch.Tensor) -> tuple[float, float]:
-        kl_sum, nll_sum, off = 0.0, 0.0, 0
-        for ref, logits in zip(self.ref_logp, self.runner.iter_logits(self.head, hs)):
-            logp = torch.log_softmax(logits, dim=-1)
-            r = ref.float()
-            kl_sum += float((r.exp() * (r - logp)).sum())
-            nll_sum += _nll_sum(logp, self.labels[off: off + logits.shape[0]])
-            off += logits.shape[0]
-        return kl_sum / off, nll_sum / self.n_lab
+        cross, nll, n = 0.0, 0.0, 0
+        for h, m, pb, lab in zip(self._hidden(hs), self.m, self.pb, self.labels.split(self.chunk)):
+            logits = self._logits(h)
+            lse = torch.logsumexp(logits, -1)
+            dot = (h * m).sum(-1) + (pb if pb is not None else 0.0)
+            cross += float((dot - lse).sum())
+            nll += self._nll(logits, lse, lab)
+            n += h.shape[0]
+        return (self.neg_entropy - cross) / n, nll / self.n_lab
 
 
 def _row(name: str, kl: float, nll: float, **extra) -> dict:

@@ -1,0 +1,78 @@
+"""The search's building blocks against plain-PyTorch references: the whole-model loss, the plans
+written into the stored model, and the per-layer refinement's bookkeeping."""
+import copy
+
+import pytest
+import torch
+
+from tiny import tiny_model
+from vllm_sqplus.arch import get_arch, get_module
+from vllm_sqplus.calibrate import LayerwiseModel
+from vllm_sqplus.search import (IDENTITY, LayerPlan, QuantSpec, SearchOptions, _Scorer, apply_plans,
+                                prepare_layer, search)
+
+
+def _ids(n, t, seed=0):
+    return torch.randint(0, 320, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_scorer_equals_direct_kl_and_nll(tie):
+    model = tiny_model("llama", tie=tie).eval()
+    arch = get_arch(model.config)
+    ids = _ids(3, 40)
+    runner = LayerwiseModel(model, arch)
+    hs = runner.embed(ids)
+    for i in range(len(runner.layers)):
+        hs = runner.run_layer(runner.layer_on_device(i), hs)
+    scorer = _Scorer(runner, hs, ids, tokens_per_chunk=50)  # chunks that do not divide the tokens
+    other = hs + 0.05 * torch.randn_like(hs)
+    kl, nll = scorer(other)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits.float(), -1).reshape(-1, 320)
+        new = torch.log_softmax(model.lm_head(model.model.norm(other)).float(), -1).reshape(-1, 320)
+    direct_kl = float((ref.exp() * (ref - new)).sum(-1).mean())
+    lab = ids[:, 1:].reshape(-1)
+    direct_nll = float(-new.reshape(3, 40, 320)[:, :-1].reshape(-1, 320).gather(1, lab[:, None]).mean())
+    assert abs(kl - direct_kl) < 1e-4 * max(1.0, direct_kl) and kl > 1e-4
+    assert abs(nll - direct_nll) < 1e-4
+    assert abs(scorer(hs)[0]) < 1e-5  # the reference against itself
+
+
+def test_apply_plans_writes_what_the_search_scored():
+    """prepare_layer (the search's fake-quantized layer) == RTN of what apply_plans stores, per linear."""
+    model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    q = QuantSpec(64, True, torch.bfloat16)
+    ids = _ids(6, 32)
+    res = search(model, arch, ids[:4], ids[4:], q,
+                 SearchOptions(alphas=(0.5,), refine=False, granularity="layer", fit_samples=2, batch_size=2))
+    plans = res.finals["per-layer+clip"]
+    assert all(p.clip is not None for p in plans)
+    stored = copy.deepcopy(model)
+    apply_plans(stored, arch, res.act_stats, plans, q)
+    from vllm_sqplus.quant import pseudo_quantize_int4
+    for i, (src, dst) in enumerate(zip(get_module(model, arch.layers), get_module(stored, arch.layers))):
+        work = copy.deepcopy(src).float()
+        stats = res.act_stats[i]
+        prepare_layer(work, copy.deepcopy(src).float(), arch, model.config, stats, plans[i], q)
+        for name in arch.linears:
+            want = get_module(work, name).weight
+            got = pseudo_quantize_int4(get_module(dst, name).weight, 64).float()
+            assert torch.equal(want, got), f"layer {i} {name}"
+
+
+def test_search_table_and_identity():
+    model = tiny_model("llama").to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    ids = _ids(6, 32, seed=1)
+    res = search(model, arch, ids[:4], ids[4:], QuantSpec(64, True, torch.bfloat16),
+                 SearchOptions(fit_samples=2, batch_size=2, fisher=False))
+    names = [r["name"] for r in res.table]
+    assert names[0] == "rtn" and "rtn+clip" in names and "per-layer+clip" in names
+    # coarse grid 0.2..0.8 then two refinements around the best: 4 + 2 + 2 whole-model alphas at most
+    assert 4 <= sum(r["kind"] == "whole-model" and not r["clip"] and r["alpha"] is not None for r in res.table) <= 8
+    rows = {r["name"]: r for r in res.table}
+    assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in res.finals)
+    assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
+    assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
