@@ -1,10 +1,12 @@
 """vllm-sqplus: SmoothQuant+ (arXiv 2312.03788) 4-bit weight-only quantization for vLLM.
 
 Pipeline, one file per stage:
-  calib.py      calibration text (HumanEval prompts, JSONL, plain text) -> token batches
-  calibrate.py  per-input-channel max|x| of every linear, one decoder layer at a time
+  corpora.py    fixed calibration / evaluation texts from the standard library, disjoint
+  calib.py      calibration text (stdlib default, HumanEval prompts, JSONL, plain text) -> token batches
+  calibrate.py  per-input-channel statistics and input Gram blocks, one decoder layer at a time
   smooth.py     s = max|X|^a / max|W|^(1-a), folded into the preceding norm / linear
-  search.py     one alpha for the whole model, scored by the whole quantized model's loss
+  search.py     whole-model alpha, per-layer refinement, clipping; chosen by the whole model's loss
+  clip.py       clipping search, folded into the stored weights
   quant.py      reference group-wise INT4 (the ground truth of every kernel)
   kernels/      W4A16 GEMM ops (csrc/) and the W4A16Linear module
   plugin.py     vLLM entry point; vllm_compat.py holds every vLLM import
