@@ -161,3 +161,25 @@ def test_table_main_writes_atomically(tmp_path):
     table.main(["--results", str(tmp_path), "--out", str(out)])
     assert out.read_text().startswith("<!-- GENERATED")
     assert not list(tmp_path.glob("accuracy.md.*"))
+
+
+def test_smoothed_is_fake_quantized_at_eval(fp_dir, tmp_path):
+    """An identity-smoothed checkpoint (the FP weights, quant_method smoothquant_plus) must score
+    exactly RTN: the eval quantizes it the way the plugin does at load. Its maker's time is read."""
+    import shutil
+    sm = tmp_path / "sm"
+    shutil.copytree(fp_dir, sm)
+    cfg = json.loads((sm / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "smoothquant_plus", "group_size": GS, "alpha": None}
+    (sm / "config.json").write_text(json.dumps(cfg))
+    (sm / "sqplus_search.json").write_text(json.dumps({"seconds": {"total": 90.0, "stats": 10.0},
+                                                       "chosen": "rtn"}))
+    rec = _run(fp_dir, [("RTN", "rtn", str(fp_dir)), ("SQ+ default", "smoothed", str(sm))], tmp_path,
+               tmp_path / "accuracy_tiny.json")
+    v = rec["variants"]
+    assert v["SQ+ default"]["code_ppl"] == v["RTN"]["code_ppl"]
+    assert v["SQ+ default"]["fake_quantized_linears"] == 14
+    assert v["SQ+ default"]["producer"]["seconds"] == 90.0
+    md = table.render(table.load_results(tmp_path), humaneval={})
+    row = next(ln for ln in md.splitlines() if ln.startswith("| SQ+ default"))
+    assert "1.5 min" in row and "100%" in row
