@@ -2,7 +2,10 @@
 
   .venv/bin/python benchmarks/kernel_bench.py                      # CPU, all shapes, all M
   .venv/bin/python benchmarks/kernel_bench.py --m 1,16 --shapes 4096x4096
-  python benchmarks/kernel_bench.py --device cuda                  # on a GPU machine
+  python benchmarks/kernel_bench.py --device cuda                  # on a GPU machine (gpu_check.sh)
+
+Writes benchmarks/results/<machine>/kernels_<device>.json and .md (generated: never edit them; the
+analysis lives in benchmarks/results/README.md and cites them).
 
 Shapes are N x K of a linear's weight (out x in): Llama-7B (4096x4096 q/k/v/o, 11008x4096 gate/up,
 4096x11008 down) and Qwen2.5-0.5B (896x896 q/o, 1152x896 fused qkv, 4864x896 gate/up, 896x4864
@@ -11,9 +14,13 @@ down). Weights: random, INT4 asymmetric, group 128 (vllm_sqplus.quant.quantize_i
 Peers (each checked against x @ dequant(w).T before it is timed, so every column computes the same
 function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
 aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 where the build has it.
-CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16).
+CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16); besides our default
+(by rows) also our two paths forced: sqplus_stream (M <= 1024) and sqplus_dequant (M >= 16).
 
-Timing: median of many single calls in one process, the methods interleaved call by call. Weights are "cold" by default: each call reads
+Timing: CPU: median of many single calls in one process, the methods interleaved call by call.
+CUDA: each method's calls are captured in one CUDA graph (64 calls cycling the weight copies; vLLM
+replays graphs for decode too, and a torch op's ~20 us host cost would otherwise hide the kernel),
+replays interleaved method by method, median per-call time. Weights are "cold" by default: each call reads
 the next of several copies, enough that they exceed 3x the last-level cache (32 MiB L3 here; 50 MiB
 L2 on H100), so GB/s means memory, not cache (--warm: one copy). GB/s = weight bytes the method
 reads (codes + scales + zeros) / time; %BW compares it with this machine's read bandwidth, measured
@@ -34,7 +41,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vllm_sqplus.kernels import available_backends, ops, pack_weights, w4a16_matmul
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py
+import machine as results_machine  # noqa: E402
+
+from vllm_sqplus.kernels import CudaBackend
+from vllm_sqplus.kernels.backends import ours
 from vllm_sqplus.quant import dequantize_int4, quantize_int4
 
 SHAPES = {"llama7b.qkvo": (4096, 4096), "llama7b.gate_up": (11008, 4096),
@@ -45,14 +56,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ------------------------------------------------------------------------------------ machine
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+_cpu_model = results_machine.cpu_model
 
 
 def _cpu_flags() -> list[str]:
@@ -80,6 +84,11 @@ def _llc_bytes(device: str) -> int:
         return max(sizes)
     except OSError:
         return 32 << 20
+
+
+def machine_slug(device: str) -> str:
+    """Results folder name of this machine (benchmarks/machine.py)."""
+    return results_machine.slug(device)
 
 
 def _sync(device: str) -> None:
@@ -124,11 +133,45 @@ def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def timed_medians_graph(fns: dict, calls: int = 64, rounds: int = 10) -> dict:
+    """CUDA: median per-call seconds of each fn, `calls` calls captured in one CUDA graph per fn
+    (each call advances its Rotor at capture, so the graph cycles the weight copies), replays
+    interleaved fn by fn."""
+    graphs = {}
+    for k, fn in fns.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(calls):  # warm on the side stream, as torch's docs advise before capture
+                fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(calls):
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g.replay()
+        graphs[k] = g
+    torch.cuda.synchronize()
+    times: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, g in graphs.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times[k].append(a.elapsed_time(b) / 1e3 / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15, clock=time.perf_counter) -> float:
     """Memory read bandwidth in GB/s: the better median of two simple streaming reads of a `gib`
     GiB float32 array, a sum and (CPU) a matrix-vector product (torch's sum alone reads slower
     than BLAS gemv on some CPUs)."""
-    n = int(gib * (1 << 30)) // 4
+    n = max(1, int(gib * (1 << 30)) // 4 // 16384) * 16384  # a whole number of gemv rows
     a = torch.ones(n, dtype=torch.float32, device=device)
     fns = {"sum": lambda: a.sum()}
     if device == "cpu":
@@ -164,13 +207,19 @@ def build_methods(q, s, z, g, device, act_dtype, llc, warm):
     methods, absent = {}, {}
     w32 = dequantize_int4(q, s, z, g, torch.float32)
 
-    if "sqplus" in available_backends(device):
-        probe = pack_weights(q, s, z, g, "sqplus")
+    mine = ours(device)  # the backend object the vLLM plugin would run (CPU: best ISA)
+    ok, why = mine.can_implement(n, k, g, act_dtype, device)
+    if ok:
+        probe = mine.pack(q, s, z, g)
         rot = Rotor(lambda: {k_: v.clone() for k_, v in probe.items()}, _nbytes(probe), llc, warm)
-        methods["sqplus"] = (lambda x: w4a16_matmul(x, rot.next(), g, "sqplus"), _nbytes(probe),
-                             act_dtype)
+        variants = {"sqplus": mine}
+        if device == "cuda":  # our two CUDA paths forced, beside the default (by rows)
+            variants.update(sqplus_stream=CudaBackend(path="stream"),
+                            sqplus_dequant=CudaBackend(path="dequant"))
+        for name, b in variants.items():
+            methods[name] = (lambda x, b=b: b.apply(x, rot.next(), g), _nbytes(probe), act_dtype)
     else:
-        absent["sqplus"] = f"no compiled kernel for {device} ({ops.LOAD_ERROR or 'not built'})"
+        absent["sqplus"] = f"our {device} kernel cannot run here: {why}"
 
     peer_dtypes = ([torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16])
     for dt in peer_dtypes:
@@ -235,6 +284,7 @@ def render_markdown(rec: dict) -> str:
     mach = rec["machine"]
     dev = mach["device"]
     peers = ["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"]
+    variants = [] if dev == "cpu" else ["sqplus_stream", "sqplus_dequant"]
     lines = [f"# W4A16 kernel benchmark ({dev})", "",
              f"- machine: {mach['name']}, {mach['cpus']} cpus, torch threads {mach['torch_threads']}, "
              f"flags {mach['cpu_flags']}, torch {mach['torch']}",
@@ -250,15 +300,15 @@ def render_markdown(rec: dict) -> str:
              "Ratios are peer time / our time (> 1: ours faster). GB/s counts the weight bytes each "
              "method reads.", "",
              "| shape | N x K | M | ours us | GB/s | % BW | " + " | ".join(f"vs {p}" for p in peers)
-             + " | " + " | ".join(f"{p} us" for p in peers) + " |",
-             "|" + "---|" * (6 + 2 * len(peers))]
+             + " | " + " | ".join(f"{p} us" for p in peers + variants) + " |",
+             "|" + "---|" * (6 + 2 * len(peers) + len(variants))]
     for row in rec["rows"]:
         r, o = row["methods"], row["methods"].get("sqplus")
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(f"| {row['shape']} | {row['N']}x{row['K']} | {row['M']} | "
                      f"{f(o and o['us'], 1)} | {f(o and o['GBps'], 1)} | {f(row['pct_bw'], 1)} | "
                      + " | ".join(f(row['speedup_vs'].get(p)) for p in peers) + " | "
-                     + " | ".join(f(r[p]['us'] if p in r else None, 1) for p in peers) + " |")
+                     + " | ".join(f(r[p]['us'] if p in r else None, 1) for p in peers + variants) + " |")
     if rec.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in rec["notes"]]]
     return "\n".join(lines) + "\n"
@@ -287,7 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<dev>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/<machine>/kernels_<dev>.json)")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth probe")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: the calling thread's CPU time (needs --threads 1; on a loaded shared "
                          "machine it leaves out the time the scheduler gives to other processes)")
@@ -321,7 +373,7 @@ def main(argv=None) -> int:
     llc = _llc_bytes(dev)
     load0 = os.getloadavg()
 
-    bw = read_bandwidth(dev, clock=clock)
+    bw = read_bandwidth(dev, gib=args.bandwidth_gib, clock=clock)
     machine = (torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_model())
     print(f"# {machine}; {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
           f"flags {_cpu_flags()}; torch {torch.__version__}; load avg {load0[0]:.2f}")
@@ -347,8 +399,11 @@ def main(argv=None) -> int:
             row = {"shape": name, "N": n, "K": k, "M": m, "group_size": args.group_size,
                    "ours_rel_err": err, "methods": {}}
             xs = {meth: torch.randn(m, k, device=dev).to(dt) for meth, (_, _, dt) in methods.items()}
-            fns = {meth: (lambda f=fn, x=xs[meth]: f(x)) for meth, (fn, _, _) in methods.items()}
-            for meth, t in timed_medians(fns, dev, args.min_time, clock=clock).items():
+            fns = {meth: (lambda f=fn, x=xs[meth]: f(x)) for meth, (fn, _, _) in methods.items()
+                   if not (meth == "sqplus_stream" and m > 1024 or meth == "sqplus_dequant" and m < 16)}
+            timed = (timed_medians_graph(fns) if dev == "cuda"
+                     else timed_medians(fns, dev, args.min_time, clock=clock))
+            for meth, t in timed.items():
                 nbytes, dt = methods[meth][1], methods[meth][2]
                 row["methods"][meth] = {"us": t * 1e6, "GBps": nbytes / t / 1e9, "weight_bytes": nbytes,
                                         "TFLOPs": 2 * m * n * k / t / 1e12, "act_dtype": str(dt)}
@@ -380,7 +435,8 @@ def main(argv=None) -> int:
               "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
               "read_bandwidth_GBps": bw, "warm": args.warm, "clock": args.clock, "activation_dtype": str(act),
               "absent": absent_all, "rows": rows}
-    write_record(record, args.out or os.path.join(RESULTS, f"kernels_{dev}.json"))
+    record["machine"]["slug"] = machine_slug(dev)
+    write_record(record, args.out or os.path.join(RESULTS, record["machine"]["slug"], f"kernels_{dev}.json"))
     print(f"# load avg at end {load1[0]:.2f}")
     return 0
 

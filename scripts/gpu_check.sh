@@ -33,9 +33,9 @@ for step in "${steps[@]}"; do
         echo "compute-sanitizer $tool: exit $s"; tail -3 "$OUT/sanitize_$tool.log"; [ $s -eq 0 ] || rc=1
       done ;;
     bench)
-      PYTHONUNBUFFERED=1 "$PY" benchmarks/kernel_bench_cuda.py --out "$OUT/kernels_cuda" ${BENCH_ARGS:-} \
-        > "$OUT/bench.log" 2>&1 || { tail -30 "$OUT/bench.log"; rc=1; }
-      grep -E "^device|x[0-9.]+ vs" "$OUT/bench.log" ;;
+      PYTHONUNBUFFERED=1 "$PY" benchmarks/kernel_bench.py --device cuda --out "$OUT/kernels_cuda.json" \
+        ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || { tail -30 "$OUT/bench.log"; rc=1; }
+      grep -vE "^#" "$OUT/bench.log" | head -80 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -1,0 +1,34 @@
+"""The kernel benchmark (benchmarks/kernel_bench.py) end to end on a tiny shape: it checks our kernel
+against the reference before timing, and writes the JSON record and its markdown table."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import kernel_bench  # noqa: E402
+
+from vllm_sqplus.kernels import ops  # noqa: E402
+
+
+@pytest.mark.skipif(not ops.has_kernel("cpu"), reason=f"sqplus CPU kernel not built: {ops.LOAD_ERROR}")
+def test_kernel_bench_cpu_writes_record(tmp_path):
+    out = tmp_path / "k.json"
+    assert kernel_bench.main(["--shapes", "128x256", "--m", "1,3", "--min-time", "0.001",
+                              "--bandwidth-gib", "0.002", "--threads", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["machine"]["device"] == "cpu" and rec["machine"]["slug"]
+    assert [r["M"] for r in rec["rows"]] == [1, 3]
+    for r in rec["rows"]:
+        assert r["ours_rel_err"] < 1e-2 and r["methods"]["sqplus"]["us"] > 0
+        assert {"torch_f32", "torch_bf16"} <= set(r["methods"]) and r["speedup_vs"]["torch_f32"] > 0
+    md = (tmp_path / "k.md").read_text()
+    assert "| 128x256 | 128x256 | 1 |" in md and rec["command"] in md
+
+
+def test_machine_slug_names_a_folder():
+    slug = kernel_bench.machine_slug("cpu")
+    assert slug and "/" not in slug and slug == slug.lower() and slug.endswith(f"{os.cpu_count()}c")
