@@ -8,8 +8,11 @@ Pipeline, one file per stage:
   search.py     whole-model alpha, per-layer refinement, clipping; chosen by the whole model's loss
   clip.py       clipping search, folded into the stored weights
   quant.py      reference group-wise INT4 (the ground truth of every kernel)
-  kernels/      W4A16 GEMM ops (csrc/) and the W4A16Linear module
-  plugin.py     vLLM entry point; vllm_compat.py holds every vLLM import
+  config.py     the quantization_config (one reader, one writer) and the group-size rule
+  export.py     `sqplus quantize`: pre-quantized INT4 checkpoints
+  kernels/      W4A16 backends (reference, CPU, CUDA, vLLM's own: backends.py, vllm_mp.py) over the
+                ops in csrc/, and the W4A16Linear module
+  plugin.py     vLLM entry point; vllm_compat.py (and kernels/vllm_mp.py) hold every vLLM import
   hf.py         transformers quantizer (from_pretrained -> W4A16Linear), registered by hf_hook.py
 """
 __version__ = "0.1.0"
