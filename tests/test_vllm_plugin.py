@@ -338,6 +338,40 @@ def test_kernel_backend_vllm_clear_error_where_missing():
                                                       torch.float32)
 
 
+@pytest.fixture
+def no_tp_group(monkeypatch):
+    """vLLM's parameters ask the tensor-parallel group (absent outside an engine) for rank and size."""
+    import vllm.model_executor.parameter as vparam
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
+
+
+def test_backend_chosen_once_auto_falls_back_explicit_fails(monkeypatch, no_tp_group):
+    """A layer our CPU kernel declines: auto takes the next backend that can (here the reference:
+    vLLM's CPUWNA16 lacks its op on AVX2), an explicit kernel_backend=sqplus fails at create time
+    with the kernel's own reason."""
+    from vllm_sqplus.errors import SqplusError
+    from vllm_sqplus.kernels import backends
+
+    class Declines(backends.W4A16Backend):
+        name, config_name = "cpu", "sqplus"
+
+        def can_implement(self, n, k, group, act_dtype, device):
+            return False, "test: not this shape"
+    shape = (torch.nn.Module(), 256, [256], 256, 256, torch.float32)
+    with monkeypatch.context() as mp:
+        mp.setitem(backends._OURS, "cpu", Declines())
+        m = _method(kernel_backend="auto", format="packed")
+        m.create_weights(*shape)
+        assert m.backend is backends.REFERENCE
+        with pytest.raises(SqplusError, match=r"kernel_backend=sqplus cannot run layer model\.layers\.0"
+                                              r"\.mlp\.down_proj \(N=256, K=256, group 128.*test: not this shape"):
+            _method(kernel_backend="sqplus", format="packed").create_weights(*shape)
+    m = _method(kernel_backend="auto", format="packed")  # the real CPU kernel takes the same layer
+    m.create_weights(torch.nn.Module(), *shape[1:])
+    assert m.backend.name == "cpu"
+
+
 def _fake_cpu_gemm_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_hint):
     """What vLLM's cpu_gemm_wna16 computes, from the layout CPUWNA16LinearKernel repacks into,
     inverted with vLLM's own unpack helper: q_weight int32 [N/16, K*2] (16 output columns a block,
@@ -358,18 +392,14 @@ def _fake_cpu_gemm_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_
 
 
 @pytest.mark.parametrize("zero_point", [True, False])
-def test_kernel_backend_vllm_loads_weights_for_vllms_kernel(monkeypatch, zero_point):
+def test_kernel_backend_vllm_loads_weights_for_vllms_kernel(monkeypatch, no_tp_group, zero_point):
     """kernel_backend=vllm: our codes, in compressed-tensors layout, through vLLM's own
     CPUWNA16 repack, give x @ dequantize_int4(...).T. The AVX2 build lacks the GEMM op, so a fake
     op that decodes vLLM's repacked layout stands in for it; the loading and repack are real."""
     import vllm._custom_ops as vops
-    import vllm.model_executor.parameter as vparam
 
     from vllm_sqplus.export import pack_nibbles
     from vllm_sqplus.kernels import vllm_mp
-    # vLLM's parameters ask the (absent, outside an engine) tensor-parallel group for rank and size
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
     monkeypatch.setattr(vllm_mp, "has_cpu_gemm_wna16", lambda: True)
     monkeypatch.setattr(vops, "cpu_gemm_wna16", _fake_cpu_gemm_wna16, raising=False)
     n, k, g = 96, 256, 64
