@@ -175,16 +175,15 @@ def main() -> int:
         print("RESULT " + json.dumps(_worker(a.model, a.worker, batches, a.tokens, a.reps)), flush=True)
         return 0
     results = []
-    try:
-        from vllm_sqplus.errors import SqplusError  # noqa: F401
-        from vllm_sqplus.vllm_compat import SqplusLinearMethod
-        from vllm_sqplus.config import parse_config
+    try:  # would kernel_backend=vllm run a Qwen-0.5B-sized layer here? (its can_implement)
         import torch
-        SqplusLinearMethod(parse_config({"kernel_backend": "vllm"}, env={}), "probe").create_weights(
-            torch.nn.Module(), 896, [896], 896, 896, torch.float32)
-        vllm_kernel = "available"
+
+        from vllm_sqplus.kernels.vllm_mp import VllmMPBackend
+        probe = VllmMPBackend(zero_point=True, input_size=896, output_size=896)
+        ok, why = probe.can_implement(896, 896, 128, torch.float32, "cpu")
+        vllm_kernel = f"available: {probe!r}" if ok else f"unavailable: {why}"
     except Exception as e:  # noqa: BLE001 - recorded
-        vllm_kernel = f"unavailable: {e}"
+        vllm_kernel = f"unavailable: {type(e).__name__}: {e}"
     rec = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared "
                       f"with other jobs: timings noisy), {platform.platform()}",
