@@ -13,7 +13,7 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    21-point grid, same resolution.
 2. Per-layer refinement (granularity "layer", the default): coordinate descent over each layer's
    pair types (norm->qkv, norm->gate/up, up->down, v->o where it applies), starting from the
-   whole-model alpha. A trial is scored by the error of the layer's output against the full-
+   whole-model alpha (trials: none, the start, start +- 0.2, 0.5). A trial is scored by the error of the layer's output against the full-
    precision model's own activation there, on the already-quantized stream of the fit samples,
    weighted per token and channel by the squared gradient of the full-precision model's loss with
    respect to that activation (diagonal empirical Fisher): a second-order estimate of how much the
@@ -89,7 +89,7 @@ class SearchOptions:
     pairs: str = "all"
     alphas: tuple[float, ...] | None = None   # whole-model grid (None: coarse grid + refinement)
     refine: bool = True
-    layer_trials: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)   # per-pair alphas tried besides none and the start
+    layer_steps: tuple[float, ...] = (-0.2, 0.2)   # per-pair alphas tried: none, start, start + step, 0.5
     fit_samples: int = 4                # statistics samples reused to fit the per-layer refinement
     fisher: bool = True                 # weight the per-layer error by the loss gradient (else plain MSE)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
@@ -361,8 +361,9 @@ def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act
         for pair in pairs:
             cur = plan.alphas.get(pair.prev)
             best_a, best_e = cur, base
-            for a in dict.fromkeys([None, start.alpha, *opts.layer_trials]):
-                if a == cur:
+            near = [round(start.alpha + d, 6) for d in opts.layer_steps] if start.alpha is not None else [0.3]
+            for a in dict.fromkeys([None, start.alpha, *near, 0.5]):
+                if a == cur or (a is not None and not 0.0 <= a <= 1.0):
                     continue
                 trial = LayerPlan({**plan.alphas, pair.prev: a}, plan.stat)
                 e = err(trial)

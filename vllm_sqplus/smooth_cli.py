@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", default=DEFAULT_CALIB,
                    help="stdlib (default: 24 Python standard-library modules, disjoint from every evaluation "
                         "text and from HumanEval; see vllm_sqplus/corpora.py) | humaneval | FILE.jsonl | FILE.txt")
-    p.add_argument("--samples", type=int, default=64, help="calibration samples for statistics")
+    p.add_argument("--samples", type=int, default=32,
+                   help="calibration samples for statistics (default 32 x 512 tokens)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--heldout", type=int, default=4,
                    help="samples held back from the statistics to score the search (default 4)")
