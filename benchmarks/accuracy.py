@@ -149,7 +149,9 @@ def producer_record(kind: str, path) -> dict | None:
             r = json.loads(f.read_text())
             return {"file": str(f), "method": r.get("method"), "seconds": r.get("seconds_total"),
                     "peak_rss_gib": r.get("peak_rss_gib"), "command": r.get("command"),
-                    "date": r.get("date"), "machine": r.get("machine"), "versions": r.get("versions")}
+                    "date": r.get("date"), "machine": r.get("machine"), "versions": r.get("versions"),
+                    "calib_samples": (r.get("calibration") or {}).get("samples"),
+                    "calib_of_samples": (r.get("calibration") or {}).get("of_samples")}
     f = path / "sqplus_search.json"
     if kind == "smoothed" and f.is_file():
         r = json.loads(f.read_text())

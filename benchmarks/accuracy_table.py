@@ -133,7 +133,10 @@ def render(records: list[dict], humaneval: dict) -> str:
                 cs, es = ("0%", "0%") if name == "FP" else ("100%", "100%")
             p = r.get("producer") or {}
             t = _minutes(p.get("seconds")) or ("at load" if r.get("kind") == "rtn" else "")
-            lines.append(f"| {name} | {r['code_ppl']:.3f} | {cs} | {r['english_ppl']:.3f} | {es} | "
+            label = name
+            if p.get("calib_samples") and p.get("calib_of_samples") and p["calib_samples"] != p["calib_of_samples"]:
+                label += f" (first {p['calib_samples']} of the {p['calib_of_samples']} calibration samples)"
+            lines.append(f"| {label} | {r['code_ppl']:.3f} | {cs} | {r['english_ppl']:.3f} | {es} | "
                          f"{r['code_kl']:.4f} | {r['english_kl']:.4f} | {he_s} | {t} | {_rss(p)} |")
         lines += ["", "<details><summary>commands, machines, dates</summary>", ""]
         for name in names:

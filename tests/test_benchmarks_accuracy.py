@@ -128,6 +128,8 @@ def _fake_record(model="m", code=(10.0, 12.0, 10.5), eng=(20.0, 22.0, 23.0)):
     return {"model": model, "group_size": 64, "windows": {"code": {"n": 16, "seq_len": 512},
                                                           "english": {"n": 16, "seq_len": 512}},
             "variants": {"FP": row(code[0], eng[0], 0.0, "fp"), "RTN": row(code[1], eng[1], 0.2, "rtn"),
+                         "AWQ": row(code[2], eng[2], 0.05, "prequantized", {"calib_samples": 16,
+                                                                            "calib_of_samples": 64}),
                          "GPTQ": row(code[2], eng[2], 0.05, "prequantized",
                                      {"seconds": 600.0, "peak_rss_gib": 1.5, "command": "run_peer.py",
                                       "date": "2026-12-01", "machine": {"cpu": "CPU X", "cores": 2}})}}
@@ -142,7 +144,8 @@ def test_table_shares_and_missing_rows(tmp_path):
     # code: (10.5 - 10) / (12 - 10) = 25%; English: (23 - 20) / (22 - 20) = 150%
     assert "10.500" in cells[1] and cells[2] == "25%" and "23.000" in cells[3] and cells[4] == "150%"
     assert "not run" in lines[0] and "10.0 min" in lines[0] and "1.50 GiB" in lines[0]
-    assert "| AWQ" in md and "missing" in md.split("| AWQ", 1)[1].splitlines()[0]
+    assert "| AWQ (first 16 of the 64 calibration samples) |" in md
+    assert "| SQ+ paper" in md and "missing" in md.split("| SQ+ paper", 1)[1].splitlines()[0]
     assert "accuracy_notes.md" in md and "CPU X" in md and "GENERATED" in md
 
 

@@ -15,7 +15,7 @@ float32 anyway). Writes:
   OUT/peer_run.json wall time, peak RSS, versions, command, date, machine
 
 usage: python run_peer.py --model DIR --method gptq|awq --calib FILE --group-size 64 --out OUT
-           [--threads 1]
+           [--threads 1] [--max-samples N]
 """
 from __future__ import annotations
 
@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-samples", type=int, default=None,
+                    help="calibrate on the first N statistics samples only (a prefix of the same tokens); "
+                         "recorded in peer_run.json")
     a = ap.parse_args()
     t_start = time.time()
     import torch
@@ -121,6 +124,11 @@ def main() -> None:
     with safe_open(a.calib, "pt") as f:
         ids = f.get_tensor("stat_ids")
         calib_meta = f.metadata()
+    n_all = ids.shape[0]
+    if a.max_samples is not None:
+        if not 1 <= a.max_samples <= n_all:
+            raise SystemExit(f"error: --max-samples {a.max_samples} not in 1..{n_all}")
+        ids = ids[: a.max_samples]
     n, seq_len = ids.shape
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(),
                                      "attention_mask": torch.ones_like(ids).tolist()})
@@ -166,7 +174,7 @@ def main() -> None:
     record = {
         "method": a.method, "model": str(Path(a.model).resolve()), "group_size": a.group_size,
         "scheme": "INT4 asymmetric (zero point), group-wise, every decoder Linear, lm_head kept",
-        "calibration": {"file": str(Path(a.calib).resolve()), "samples": n, "seq_len": seq_len,
+        "calibration": {"file": str(Path(a.calib).resolve()), "samples": n, "of_samples": n_all, "seq_len": seq_len,
                         **calib_meta},
         "calibration_dtype": "float32", "dense_dtype": str(src_dtype).replace("torch.", ""),
         "seconds_oneshot": round(t_calib, 1), "seconds_quantize_and_save": round(t_total_quant, 1),
