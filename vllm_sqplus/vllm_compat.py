@@ -29,6 +29,14 @@ What vLLM sees
       fails there with the reason). process_weights_after_loading calls backend.pack once on the
       unpacked (q uint8 [N, K], scales [N, K/g], zeros uint8 [N, K/g]); apply calls backend.apply.
 
+Foreign INT4 checkpoints (AWQ GEMM, GPTQ v1/v2 sym/asym/desc_act, compressed-tensors W4A16
+pack-quantized): served only when the user asks, `--quantization smoothquant_plus` (then
+override_quantization_method claims them; without the flag vLLM's own methods keep them).
+formats.py holds their layouts (ForeignFormat: parameters to register, unpack to our q/scales/
+zeros, pure torch); here they become vLLM parameters with the same sharded loaders vLLM's own
+AWQ/GPTQ/compressed-tensors methods use, then go through backend.pack like the rest. GPTQ
+act-order: the codes are permuted along K at load, the activations at every forward (x[..., perm]).
+
 Tensor parallelism: vLLM gives each rank its slice (column parallel: rows of N; row parallel:
 columns of K). K per rank must be a multiple of the group (checked in create_weights, one clear
 error at load). group_size -1 under row parallelism quantizes each rank's K slice per channel.
@@ -43,6 +51,7 @@ from vllm_sqplus import QUANT_METHOD
 from vllm_sqplus.config import SqplusConfig, group_size_supported, parse_config
 from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.export import unpack_nibbles
+from vllm_sqplus.formats import FOREIGN_METHODS, ForeignFormat, parse_foreign_config
 from vllm_sqplus.kernels.backends import choose_backend
 from vllm_sqplus.kernels.vllm_mp import VllmMPBackend
 from vllm_sqplus.quant import quantize_int4
@@ -51,7 +60,10 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter
+from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
+                                           GroupQuantScaleParameter, ModelWeightParameter,
+                                           PackedColumnParameter, PackedvLLMParameter,
+                                           RowvLLMParameter)
 
 try:  # vLLM >= 0.11-ish; older releases have no online-processing hook
     from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
@@ -82,10 +94,11 @@ def register_quantization() -> None:
 class SmoothQuantPlusConfig(QuantizationConfig):
     """SmoothQuant+ W4A16: group-wise INT4 weights (zero point), activations in 16/32-bit."""
 
-    def __init__(self, cfg: SqplusConfig | None = None):
+    def __init__(self, cfg: SqplusConfig | None = None, foreign: ForeignFormat | None = None):
         super().__init__()
         self.cfg = cfg if cfg is not None else parse_config(None)
-        if not self.cfg.smoothed:
+        self.foreign = foreign  # an AWQ / GPTQ / compressed-tensors checkpoint (formats.py)
+        if not self.cfg.smoothed and foreign is None:
             _warn_once("rtn", "smoothquant_plus: the checkpoint has no smoothquant_plus "
                        "quantization_config (no SmoothQuant+ smoothing found); quantizing it with "
                        "plain round-to-nearest INT4 (group %d). Run `sqplus smooth` first for "
@@ -113,21 +126,44 @@ class SmoothQuantPlusConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "SmoothQuantPlusConfig":
+        if str(config.get("quant_method", "")).lower() in FOREIGN_METHODS:
+            ff = parse_foreign_config(config)
+            cfg = parse_config({"group_size": ff.group_size, "zero_point": ff.zero_point,
+                                "format": "packed", "modules_to_not_convert": []})
+            _warn_once("foreign", "smoothquant_plus: serving the %s checkpoint on our W4A16 kernels "
+                       "(%s)", ff.kind, ff, level=logging.INFO)
+            return cls(cfg, foreign=ff)
         return cls(parse_config(config))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None, **kw):
-        """LLM(model=dir) with no flag: claim checkpoints whose config says smoothquant_plus."""
-        if hf_quant_cfg.get("quant_method") == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
+        """Claim smoothquant_plus checkpoints (with no flag too), and AWQ / GPTQ /
+        compressed-tensors W4A16 ones only when the user asked for smoothquant_plus."""
+        method = str(hf_quant_cfg.get("quant_method", "")).lower()
+        if method == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
+            return QUANT_METHOD
+        if method in FOREIGN_METHODS and user_quant == QUANT_METHOD:
+            parse_foreign_config(hf_quant_cfg)  # one clear error now for what we cannot serve
             return QUANT_METHOD
         return None
+
+    def get_checkpoint_weight_mapper(self):
+        """vLLM drops every `.g_idx` by default (its kernels dropped act-order); GPTQ act-order
+        checkpoints need theirs."""
+        if self.foreign is not None and self.foreign.act_order:
+            from vllm.model_executor.models.utils import WeightsMapper
+            return WeightsMapper()
+        return super().get_checkpoint_weight_mapper()
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head (ParallelLMHead), attention: full precision
-        if self.cfg.skip(prefix):
+        if self.foreign is not None:
+            if self.foreign.skips(prefix, getattr(self, "packed_modules_mapping", None)):
+                return UnquantizedLinearMethod()
+        elif self.cfg.skip(prefix):
             return UnquantizedLinearMethod()
-        return SqplusLinearMethod(self.cfg, prefix)
+        return SqplusLinearMethod(self.cfg, prefix, self.foreign)
 
 
 class SqplusLinearMethod(LinearMethodBase):
@@ -135,10 +171,11 @@ class SqplusLinearMethod(LinearMethodBase):
 
     uses_meta_device: bool = True
 
-    def __init__(self, cfg: SqplusConfig, prefix: str = ""):
+    def __init__(self, cfg: SqplusConfig, prefix: str = "", foreign: ForeignFormat | None = None):
         self.cfg = cfg
         self.prefix = prefix
-        if cfg.prequantized:
+        self.foreign = foreign
+        if cfg.prequantized or foreign is not None:
             self.uses_meta_device = False  # real tensors come from the checkpoint
         elif initialize_online_processing is None:  # pragma: no cover - old vLLM
             raise SqplusError("this vLLM has no online weight processing "
@@ -157,6 +194,10 @@ class SqplusLinearMethod(LinearMethodBase):
         layer.logical_widths = list(output_partition_sizes)
         layer.orig_dtype = params_dtype
         self.backend = self._choose_backend(k, n, input_size, output_size, params_dtype)
+        if self.foreign is not None:
+            self._create_foreign_weights(layer, list(output_partition_sizes), k, input_size,
+                                         params_dtype, weight_loader)
+            return
         if self.cfg.prequantized:
             if self.cfg.group_size == -1 and k != input_size:
                 raise SqplusError(f"{self.prefix}: a pre-quantized per-channel (group_size -1) "
@@ -176,6 +217,30 @@ class SqplusLinearMethod(LinearMethodBase):
             data=torch.empty(n, k, dtype=params_dtype, device="meta"), input_dim=1, output_dim=0,
             weight_loader=weight_loader))
         initialize_online_processing(layer)
+
+    def _create_foreign_weights(self, layer, sizes, k, input_size, params_dtype, weight_loader):
+        """Register the checkpoint's own tensors (formats.ForeignFormat.params) as vLLM parameters
+        of the kinds vLLM's AWQ/GPTQ/compressed-tensors methods use, so its loaders shard them."""
+        self.foreign.check_layer(sizes, k, input_size, self.prefix)
+        for p in self.foreign.params(sum(sizes), k):
+            data = (torch.empty(p.shape, dtype=p.dtype or params_dtype) if p.fill is None
+                    else torch.full(p.shape, p.fill, dtype=p.dtype or params_dtype))
+            kw = dict(data=data, weight_loader=weight_loader)
+            if p.input_dim is not None and p.output_dim is not None:
+                param = (PackedvLLMParameter(input_dim=p.input_dim, output_dim=p.output_dim,
+                                             packed_dim=p.packed_dim, packed_factor=8, **kw)
+                         if p.packed_dim is not None else
+                         GroupQuantScaleParameter(input_dim=p.input_dim, output_dim=p.output_dim, **kw))
+            elif p.output_dim is not None:
+                param = (PackedColumnParameter(output_dim=p.output_dim, packed_dim=p.packed_dim,
+                                               packed_factor=8, **kw)
+                         if p.packed_dim is not None else ChannelQuantScaleParameter(output_dim=p.output_dim, **kw))
+            elif p.input_dim is not None:
+                param = RowvLLMParameter(input_dim=p.input_dim, **kw)
+            else:
+                param = BasevLLMParameter(**kw)
+            layer.register_parameter(p.name, param)
+        layer.sqplus_foreign_names = [p.name for p in self.foreign.params(sum(sizes), k)]
 
     def _check_shape(self, k: int, input_size: int) -> int:
         g = self.cfg.group_size
@@ -217,7 +282,15 @@ class SqplusLinearMethod(LinearMethodBase):
         if getattr(layer, "_already_called_process_weights_after_loading", False):
             return
         g = layer.sqplus_group
-        if self.cfg.prequantized:
+        layer.sqplus_perm = None
+        if self.foreign is not None:
+            tensors = {name: getattr(layer, name).data for name in layer.sqplus_foreign_names}
+            q, scales, zeros, layer.sqplus_perm = self.foreign.unpack(
+                tensors, layer.output_size_per_partition, layer.input_size_per_partition, self.prefix)
+            for name in layer.sqplus_foreign_names:
+                delattr(layer, name)
+            del tensors
+        elif self.cfg.prequantized:
             q = unpack_nibbles(layer.qweight.data)
             scales, zeros = layer.scales.data, layer.zeros.data
             for name in ("qweight", "scales", "zeros"):
@@ -242,6 +315,8 @@ class SqplusLinearMethod(LinearMethodBase):
     # ---- forward -------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = {name: getattr(layer, f"sq_{name}") for name in layer.sqplus_keys}
+        if getattr(layer, "sqplus_perm", None) is not None:  # GPTQ act-order: K in group order
+            x = x.index_select(-1, layer.sqplus_perm)
         return self.backend.apply(x, packed, layer.sqplus_group, bias)
 
 
