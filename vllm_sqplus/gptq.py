@@ -1,0 +1,228 @@
+"""`sqplus gptq MODEL --out Q_DIR`: error-compensating INT4 (GPTQ) on a smoothed checkpoint.
+
+The optional last stage beyond the paper: the smoothed (and clipped) weights of `sqplus smooth` are
+quantized with GPTQ (Frantar et al., arXiv 2210.17323) instead of plain rounding: column by column,
+each column's rounding error is pushed onto the columns not yet quantized through the inverse of the
+input Hessian H = X^T X, so the layer's output error shrinks where plain RTN leaves it. Scheme as
+everywhere here: INT4, asymmetric min-max with zero point per group of g along K (quant.py's
+formulas; a group's scale and zero come from the group's weights as updated when GPTQ reaches its
+first column), lm_head and embeddings kept, no act-order (static groups, so the packed layout is
+the plain one).
+
+Layer by layer (one decoder layer on the device at a time): the Hessians of a layer's linears are
+collected on the *quantized* model's stream of the calibration samples, every linear is quantized,
+and the quantized layer produces the next layer's input, as GPTQ does.
+
+Output: the pre-quantized "packed" checkpoint that the vLLM plugin and transformers (after
+`import vllm_sqplus`) load without requantizing (names in export.py). `--dense-out DIR` also writes
+the dequantized weights as a plain float32 checkpoint, for evaluation with any tool.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.quant import check_group_size
+
+_MIN_RANGE = 1e-5
+
+
+def _group_params(w: torch.Tensor, zero_point: bool, store_dtype: torch.dtype):
+    """quant.py's scale / zero for rows of one group w [N, g] -> (scale fp32 [N], zero fp32 [N], scale stored)."""
+    if zero_point:
+        hi, lo = w.amax(-1).clamp(min=0), w.amin(-1).clamp(max=0)
+        s = ((hi - lo).clamp(min=_MIN_RANGE) / 15).to(store_dtype)
+        s32 = s.float()
+        z = torch.round(-lo / s32).clamp(0, 15)
+    else:
+        s = (w.abs().amax(-1).clamp(min=_MIN_RANGE) / 7).to(store_dtype)
+        s32 = s.float()
+        z = torch.full_like(s32, 8.0)
+    return s32, z, s
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool = True,
+                  store_dtype: torch.dtype = torch.bfloat16, block: int = 128, damp: float = 0.01):
+    """GPTQ of w [N, K] with input Hessian h [K, K] -> (q uint8 [N, K], scales [N, K/g] store_dtype,
+    zeros uint8 [N, K/g]); dequantize_int4 of the result is the layer's new weight."""
+    n, k = w.shape
+    g = check_group_size(k, group_size)
+    W = w.float().clone()
+    H = h.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, device=H.device)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError as e:
+        raise SqplusError(f"GPTQ: the input Hessian is not positive definite ({e}); use more calibration samples")
+    block = max(block, g)  # groups never straddle a block (g in 32, 64, 128 or K)
+    Q = torch.zeros(n, k, dtype=torch.uint8)
+    scales = torch.zeros(n, k // g, dtype=store_dtype)
+    zeros = torch.zeros(n, k // g, dtype=torch.uint8)
+    s32 = z = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hi = Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % g == 0:  # the group's range from its weights as they are now
+                s32, z, s_st = _group_params(W1[:, j: j + g], zero_point, store_dtype)
+                scales[:, col // g] = s_st
+                zeros[:, col // g] = z.to(torch.uint8)
+            wc = W1[:, j]
+            qc = (torch.round(wc / s32) + z).clamp(0, 15)
+            Q[:, col] = qc.to(torch.uint8)
+            deq = (qc - z) * s32
+            e = (wc - deq) / Hi[j, j]
+            W1[:, j:] -= e[:, None] * Hi[j, j:][None, :]
+            Err[:, j] = e
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q, scales, zeros
+
+
+def _log(msg: str) -> None:
+    print(f"[sqplus gptq] {msg}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
+               store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False):
+    """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
+    returns {module name: (q, scales, zeros)}."""
+    from vllm_sqplus.arch import get_module
+    from vllm_sqplus.calibrate import LayerwiseModel
+    from vllm_sqplus.quant import dequantize_int4
+    runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
+    hs = runner.embed(calib_ids)
+    out = {}
+    it = range(len(runner.layers))
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="gptq", unit="layer")
+    for i in it:
+        layer = runner.layer_on_device(i)
+        hess: dict[str, torch.Tensor] = {}
+        last: dict = {}
+        hooks = []
+        for name in arch.linears:
+            def hook(_m, args, name=name):
+                x0 = args[0].detach()
+                if last.get("x") is x0:
+                    hess[name] = hess[last["name"]]
+                    return
+                last.update(x=x0, name=name)
+                x = x0.reshape(-1, x0.shape[-1]).float()
+                hess[name] = hess[name] + x.T @ x if name in hess else x.T @ x
+            hooks.append(get_module(layer, name).register_forward_pre_hook(hook))
+        try:
+            runner.run_layer(layer, hs)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        stored = runner.layers[i]
+        for name in arch.linears:
+            lin = get_module(layer, name)
+            q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype)
+            deq = dequantize_int4(q, s, z, group_size, dtype=torch.float32)
+            lin.weight.copy_(deq.to(lin.weight.device))
+            get_module(stored, name).weight.data = deq.to(get_module(stored, name).weight.device)
+            out[f"{arch.layers}.{i}.{name}"] = (q, s, z)
+        hs = runner.run_layer(layer, hs)
+        del layer, hess
+    return out
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("gptq", help="GPTQ INT4 of a smoothed checkpoint -> pre-quantized checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="smoothed (sqplus smooth) or plain checkpoint folder")
+    p.add_argument("--out", required=True, help="pre-quantized (packed) checkpoint folder")
+    p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
+    p.add_argument("--calib", default="stdlib")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=None, help="default: the input's, else 128")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from transformers import AutoTokenizer
+    from vllm_sqplus.arch import get_arch
+    from vllm_sqplus.calib import calibration_ids
+    from vllm_sqplus.checkpoint import (check_output_dir, copy_side_files, load_full_precision, read_config,
+                                        write_checkpoint_atomic)
+    from vllm_sqplus.config import SqplusConfig, check_group_size_supported, parse_config
+    from vllm_sqplus.export import pack_nibbles
+    t0 = time.perf_counter()
+    raw = read_config(args.model)
+    qc_in = raw.get("quantization_config")
+    if qc_in is not None and (qc_in.get("quant_method") != "smoothquant_plus" or qc_in.get("format") == "packed"):
+        raise SqplusError(f"{args.model} is already quantized; start from a smoothed or full-precision checkpoint")
+    cfg = parse_config(dict(qc_in or {}, **({"group_size": args.group_size} if args.group_size else {})), env={})
+    check_group_size_supported(raw.get("hidden_size", cfg.group_size), cfg.group_size, f"--group-size {cfg.group_size}")
+    out = check_output_dir(args.model, args.out, args.overwrite)
+    dense = check_output_dir(args.model, args.dense_out, args.overwrite) if args.dense_out else None
+    tok = AutoTokenizer.from_pretrained(args.model)
+    # the statistics samples sqplus smooth uses (its held-out samples stay unseen here too)
+    ids, _ = calibration_ids(tok, args.calib, args.samples, 4, args.seq_len)
+    stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(stored, torch.bfloat16)
+    model = load_full_precision(args.model, store_dtype)
+    arch = get_arch(model.config)
+    _log(f"{ids.shape[0]} x {ids.shape[1]} calibration tokens ({args.calib}), group {cfg.group_size}")
+    qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True)
+    secs = time.perf_counter() - t0
+
+    def write_packed(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        sd = {k: v for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        tensors = {}
+        for name, t in sd.items():
+            mod = name[: -len(".weight")] if name.endswith(".weight") else None
+            if mod in qs:
+                q, s, z = qs[mod]
+                tensors[f"{mod}.qweight"] = pack_nibbles(q)
+                tensors[f"{mod}.scales"] = s.contiguous()
+                tensors[f"{mod}.zeros"] = z.contiguous()
+            else:
+                tensors[name] = t.to(store_dtype).contiguous() if t.is_floating_point() else t.contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        copy_side_files(args.model, tmp)
+        new = dict(raw)
+        extra = dict(qc_in or {})
+        extra["gptq"] = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
+                         "damp": 0.01, "act_order": False, "seconds": round(secs, 1)}
+        new["quantization_config"] = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
+                                                  format="packed").to_dict(extra=extra)
+        (tmp / "config.json").write_text(json.dumps(new, indent=2) + "\n")
+
+    write_checkpoint_atomic(out, args.overwrite, write_packed)
+    if dense is not None:
+        def write_dense(tmp: Path) -> None:
+            model.float().save_pretrained(tmp, safe_serialization=True)
+            copy_side_files(args.model, tmp)
+            c = json.loads((tmp / "config.json").read_text())
+            c.pop("quantization_config", None)
+            c["sqplus_dequantized_from"] = str(out)
+            (tmp / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+        write_checkpoint_atomic(dense, args.overwrite, write_dense)
+    _log(f"wrote {out}{' and ' + str(dense) if dense else ''} in {time.perf_counter() - t0:.0f}s "
+         f"(GPTQ {secs:.0f}s)")
+    return 0
