@@ -152,8 +152,9 @@ def _job(runs, name):
 @torch.no_grad()
 def _reference_tokens(model_dir: Path, prompts, group_size: int, zero_point: bool):
     """Greedy tokens of transformers with dequantized INT4 decoder linears (lm_head kept)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # the smoothed weights themselves: from_pretrained would quantize them (vllm_sqplus.hf)
+    from vllm_sqplus.checkpoint import load_full_precision
+    model = load_full_precision(model_dir, torch.float32)
     fake_quantize_model(model, group_size, zero_point)
     outs = []
     for p in prompts:
