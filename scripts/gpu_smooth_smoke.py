@@ -28,7 +28,8 @@ with tempfile.TemporaryDirectory() as d:
     from transformers import AutoModelForCausalLM
     ids = torch.randint(0, 320, (2, 48))
     a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-    b = AutoModelForCausalLM.from_pretrained(d / "out", dtype=torch.float32)(ids).logits
+    from vllm_sqplus.checkpoint import load_full_precision  # from_pretrained would quantize it
+    b = load_full_precision(d / "out", torch.float32)(ids).logits
     rel = float((a - b).abs().max() / a.abs().max())
     print(f"sqplus smooth --device cuda: ok in {time.perf_counter() - t:.1f}s; logits rel err {rel:.2e}")
     assert rel <= 1e-4
