@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,11 @@ def run(args) -> int:
     return 0
 
 
+def _peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) -> None:
     """The smoothed checkpoint, its quantization_config, the search table, plot and statistics."""
     from vllm_sqplus.arch import get_arch
@@ -187,7 +193,10 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
              "chosen_alpha": extra["alpha"], "paper_alpha": res.paper.alpha,
              "fp": res.fp_row, "rows": res.table, "layers": per_layer, "layer_log": res.layer_log,
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
-             "seconds": res.seconds}
+             "seconds": res.seconds, "peak_rss_gib": round(_peak_rss_gib(), 3),
+             "command": " ".join(["sqplus", *sys.argv[1:]]) if sys.argv and "sqplus" in sys.argv[0] else None,
+             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
+             "threads": torch.get_num_threads()}
 
     def files(tmp: Path) -> None:
         save_model(model, args.model_dir, tmp, qcfg)
