@@ -294,10 +294,13 @@ def _stats_on(per_layer: dict, device) -> dict:
 
 
 def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: torch.Tensor,
-            progress: bool) -> list[torch.Tensor]:
+            progress: bool, head: tuple | None = None) -> list[torch.Tensor]:
     """Per layer i, the squared gradient of the FP model's next-token NLL w.r.t. layer i's output,
-    [n, T, H], normalised to mean 1 (a per-token, per-channel weight of the output error)."""
-    norm, head = runner.head_on_device()
+    [n, T, H], normalised to mean 1 (a per-token, per-channel weight of the output error).
+    `head`: (final norm, lm_head) already on the device (the scorer's: one copy of a big lm_head)."""
+    norm, head = head or runner.head_on_device()
+    for p in [*norm.parameters(), *head.parameters()]:
+        p.requires_grad_(False)  # gradients w.r.t. activations only (an lm_head gradient is vocab x hidden)
     labels = _next_token_labels(fit_ids).to(runner.device)
     x = fit_inputs[-1].detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -479,7 +482,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     layer_log = None
     if opts.granularity == "layer":
         t = time.perf_counter()
-        weights = _fisher(runner, fit_inputs, stat_ids[:fit_n], opts.progress) if opts.fisher else None
+        weights = (_fisher(runner, fit_inputs, stat_ids[:fit_n], opts.progress, (scorer.norm, scorer.lm_head))
+                   if opts.fisher else None)
         secs["fisher"] = time.perf_counter() - t
         start = paper if paper.alpha is not None else (smoothed_best or IDENTITY)
         plans, hs, layer_log = _pass_layerwise(runner, arch=arch, q=q, act_stats=act_stats, grams=grams or [],
