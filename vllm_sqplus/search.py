@@ -311,7 +311,11 @@ def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: tor
     grad = x.grad.detach()
     del logits, loss, x
     weights = [None] * (len(fit_inputs) - 1)
-    for i in reversed(list(_layers(runner, progress, "fisher"))):
+    order = range(len(fit_inputs) - 2, -1, -1)
+    if progress:
+        from tqdm import tqdm
+        order = tqdm(order, desc="fisher (backward)", unit="layer")
+    for i in order:
         g2 = grad.pow(2)
         weights[i] = (g2 / g2.mean().clamp(min=1e-30)).cpu()
         layer = runner.layer_on_device(i)
