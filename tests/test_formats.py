@@ -153,3 +153,30 @@ def test_ct_ignore_matches_fused_layers():
     half = ForeignFormat("compressed-tensors", 128, True, skip=("model.layers.0.self_attn.q_proj",))
     with pytest.raises(SqplusError, match="only some"):
         half.skips("model.layers.0.self_attn.qkv_proj", fused)
+
+
+def test_ct_group_actorder_uses_weight_g_idx():
+    """compressed-tensors actorder "group": weight_g_idx like GPTQ's g_idx (same permutation path)."""
+    from vllm_sqplus.formats import ct_pack_linear
+    n, k, g = 16, 256, 128
+    torch.manual_seed(4)
+    w = torch.randn(n, k)
+    order = torch.randperm(k)
+    q_p, s, z = quantize_int4(w[:, order], g, True)
+    q = torch.empty_like(q_p)
+    q[:, order] = q_p
+    t = ct_pack_linear(q, s, z, zero_point=True)
+    t["weight_g_idx"] = torch.empty(k, dtype=torch.int32)
+    t["weight_g_idx"][order] = torch.arange(k, dtype=torch.int32) // g
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": g,
+              "actorder": "group"}}}}
+    ff = parse_foreign_config(qc)
+    assert ff.act_order and [p.name for p in ff.params(n, k)][-1] == "weight_g_idx"
+    q2, s2, z2, perm = ff.unpack(t, n, k)
+    x = torch.randn(2, k)
+    w_hat = torch.empty(n, k)
+    w_hat[:, order] = dequantize_int4(q_p, s, z, g, torch.float32)
+    got = x[:, perm] @ dequantize_int4(q2, s2, z2, g, torch.float32).T
+    assert torch.allclose(got, x @ w_hat.T, rtol=1e-5, atol=1e-4)
