@@ -155,8 +155,10 @@ def render(records: list[dict], humaneval: dict) -> str:
                 lines.append(f"  - HumanEval: {he['source']}, {he.get('date')}, {he.get('machine') or '?'}: "
                              f"`{he.get('command')}`")
         lines += ["", "</details>", ""]
-    if not records:
-        lines.append("No results yet: run benchmarks/accuracy.py.")
+    done = {r["model"] for r in records}
+    for model in MODEL_ORDER:
+        if model not in done:
+            lines += [f"## {model}", "", "Not evaluated yet (no accuracy_{model}.json): see accuracy_notes.md.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -147,6 +147,7 @@ def test_table_shares_and_missing_rows(tmp_path):
     assert "| AWQ (first 16 of the 64 calibration samples) |" in md
     assert "| SQ+ paper" in md and "missing" in md.split("| SQ+ paper", 1)[1].splitlines()[0]
     assert "accuracy_notes.md" in md and "CPU X" in md and "GENERATED" in md
+    assert "## qwen2.5-coder-1.5b" in md and "Not evaluated yet" in md.split("## qwen2.5-coder-1.5b", 1)[1]
 
 
 def test_table_humaneval_column(tmp_path):
