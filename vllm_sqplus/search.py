@@ -193,6 +193,7 @@ class _Scorer:
     candidate costs one lm_head matmul and one logsumexp, and memory stays small for big vocabularies.
     """
 
+    @torch.no_grad()
     def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor,
                  tokens_per_chunk: int = 1024):
         self.runner, self.chunk = runner, tokens_per_chunk
