@@ -102,9 +102,11 @@ def render(records: list[dict], humaneval: dict) -> str:
              " do not edit by hand (analysis: accuracy_notes.md) -->",
              "# Accuracy: FP, RTN, SmoothQuant+, GPTQ, AWQ on the same tokens", "",
              "Scheme for every quantized row: INT4 asymmetric with zero point, group-wise along in_features, "
-             "every decoder-layer linear, lm_head and embeddings kept. Calibration for SQ+, GPTQ and AWQ: "
-             "the same 64 x 512 statistics tokens (`vllm_sqplus.calib.calibration_ids(tok, \"stdlib\")`, "
-             "24 stdlib modules). Evaluation (benchmarks/accuracy.py, float32, one code path for every row): "
+             "every decoder-layer linear, lm_head and embeddings kept. Calibration: one token stream for every "
+             "method (`vllm_sqplus.calib.calibration_ids(tok, \"stdlib\")`, 24 stdlib modules, 512-token "
+             "samples). `sqplus smooth` (default) takes its statistics from the first 32 samples and scores its "
+             "choices on the next 4; GPTQ and AWQ are given the first 64 samples (a superset of both; a row "
+             "says where a peer used a shorter prefix). Evaluation (benchmarks/accuracy.py, float32, one code path for every row): "
              "held-out code = 12 other stdlib modules, held-out English = the reference-manual topics of "
              "pydoc_data; neither is calibrated on. *Share* = (variant - FP) / (RTN - FP) of the perplexity: "
              "0% is lossless, 100% is RTN. KL = mean over tokens of KL(FP || variant), nats. "
