@@ -76,3 +76,31 @@ def test_search_table_and_identity():
     assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in res.finals)
     assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
+
+
+def test_fisher_weights_equal_autograd_on_the_whole_model():
+    """_fisher's layer-by-layer backward == the squared gradient of the model's NLL w.r.t. each
+    decoder layer's output, from one ordinary backward of the whole model (normalised to mean 1)."""
+    from vllm_sqplus.search import _fisher
+    model = tiny_model("qwen2", kv_heads=2).eval()
+    arch = get_arch(model.config)
+    ids = _ids(2, 24, seed=3)
+    runner = LayerwiseModel(model, arch, batch_size=1)
+    hs = runner.embed(ids)
+    inputs = [hs]
+    for i in range(len(runner.layers)):
+        hs = runner.run_layer(runner.layer_on_device(i), hs)
+        inputs.append(hs)
+    got = _fisher(runner, inputs, ids, progress=False)
+    outs = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: (o[0] if isinstance(o, tuple) else o).retain_grad()
+                                         or outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in get_module(model, arch.layers)]
+    logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    for i, o in enumerate(outs):
+        g2 = o.grad.pow(2)
+        torch.testing.assert_close(got[i], g2 / g2.mean(), rtol=2e-3, atol=1e-4)

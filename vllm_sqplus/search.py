@@ -195,7 +195,7 @@ class _Scorer:
 
     @torch.no_grad()
     def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor,
-                 tokens_per_chunk: int = 1024):
+                 tokens_per_chunk: int = 256):
         self.runner, self.chunk = runner, tokens_per_chunk
         self.norm, self.lm_head = runner.head_on_device()
         w = self.lm_head.weight.float()
@@ -303,14 +303,18 @@ def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: tor
     for p in [*norm.parameters(), *head.parameters()]:
         p.requires_grad_(False)  # gradients w.r.t. activations only (an lm_head gradient is vocab x hidden)
     labels = _next_token_labels(fit_ids).to(runner.device)
-    x = fit_inputs[-1].detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = head(norm(x.reshape(-1, x.shape[-1]))).float()
-        ok = labels >= 0
-        loss = torch.nn.functional.cross_entropy(logits[ok], labels[ok], reduction="sum")
-        loss.backward()
-    grad = x.grad.detach()
-    del logits, loss, x
+    last = fit_inputs[-1]
+    flat = last.reshape(-1, last.shape[-1])
+    grads = []
+    for x, lab in zip(flat.split(256), labels.split(256)):  # [tokens, vocab] a chunk at a time
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(norm(x)).float()
+            loss = torch.nn.functional.cross_entropy(logits, lab, ignore_index=-1, reduction="sum")
+            loss.backward()
+        grads.append(x.grad.detach())
+        del logits, loss
+    grad = torch.cat(grads).reshape(last.shape)
     weights = [None] * (len(fit_inputs) - 1)
     order = range(len(fit_inputs) - 2, -1, -1)
     if progress:
