@@ -73,7 +73,8 @@ def test_search_table_and_identity():
     # coarse grid 0.2..0.8 then two refinements around the best: 4 + 2 + 2 whole-model alphas at most
     assert 4 <= sum(r["kind"] == "whole-model" and not r["clip"] and r["alpha"] is not None for r in res.table) <= 8
     rows = {r["name"]: r for r in res.table}
-    assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in res.finals)
+    eligible = [n for n in res.finals if rows[n]["nll"] <= rows["rtn"]["nll"]]
+    assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in eligible)
     assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
 
@@ -104,3 +105,14 @@ def test_fisher_weights_equal_autograd_on_the_whole_model():
     for i, o in enumerate(outs):
         g2 = o.grad.pow(2)
         torch.testing.assert_close(got[i], g2 / g2.mean(), rtol=2e-3, atol=1e-4)
+
+
+def test_choice_needs_nll_no_worse_than_rtn():
+    from vllm_sqplus.search import choose
+    rows = {"rtn": {"kl": 0.077, "nll": 2.13}, "rtn+clip": {"kl": 0.068, "nll": 2.15},
+            "per-layer+clip": {"kl": 0.070, "nll": 2.16}, "alpha=0.5": {"kl": 0.075, "nll": 2.12}}
+    assert choose(rows, rows) == "alpha=0.5"          # lower KL alone does not win: NLL must not lose
+    rows["alpha=0.5"]["nll"] = 2.2
+    assert choose(rows, rows) == "rtn"                # nothing dominates RTN: the identity
+    rows["rtn+clip"]["nll"] = 2.0
+    assert choose(rows, rows) == "rtn+clip"

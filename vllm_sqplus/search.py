@@ -22,9 +22,10 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    layer as it will be deployed.
 3. Clipping (vllm_sqplus.clip): per linear, per (row, group) range shrink minimising the output
    error on the statistics inputs; folded into the stored weights.
-4. Final choice: the held-out whole-model KL of RTN, paper form, each with and without clipping,
-   and the per-layer plan. The identity is always among them, so the written checkpoint is never
-   worse than plain RTN on the search's own loss.
+4. Final choice (`choose`): the lowest held-out KL among RTN, paper form, each with and without
+   clipping, and the per-layer plan, counting only settings whose held-out NLL is no worse than
+   RTN's. RTN always qualifies, so the written checkpoint is never worse than plain RTN on either
+   of the search's held-out losses.
 """
 from __future__ import annotations
 
@@ -505,11 +506,23 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
         secs["per_layer"] = time.perf_counter() - t - secs["fisher"]
 
     rows = {r["name"]: r for r in table}
-    best = min(finals, key=lambda n: rows[n]["kl"])
+    best = choose(finals, rows)
     secs["total"] = time.perf_counter() - t0
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", 0.0, scorer.fp_nll),
                         seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel())
+
+
+def choose(names, rows: dict[str, dict]) -> str:
+    """The lowest held-out KL among the settings whose held-out NLL is no worse than plain RTN's.
+
+    KL alone can prefer a setting that moves probability off the actual next tokens (measured on
+    Qwen2.5-Coder-0.5B: RTN + clipping had 11% less KL than RTN and a 64% larger perplexity increase
+    on held-out code), so a candidate must not lose to RTN on either. RTN itself always qualifies.
+    """
+    rtn_nll = rows["rtn"]["nll"]
+    ok = [n for n in names if rows[n]["nll"] <= rtn_nll + 1e-9] or ["rtn"]
+    return min(ok, key=lambda n: rows[n]["kl"])
 
 
 @torch.no_grad()
