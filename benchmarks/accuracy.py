@@ -47,21 +47,13 @@ from vllm_sqplus.quant import pseudo_quantize_int4
 
 TEXTS = {"code": eval_code_text, "english": eval_english_text}
 _REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py
+from machine import cpu_model  # noqa: E402
 
 
 class EvalError(SystemExit):
     def __init__(self, msg: str):
         super().__init__(f"error: {msg}")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -113,7 +105,6 @@ def check_prequantized(model, group_size: int, path) -> int:
 
 def load_variant(kind: str, path, group_size: int):
     """(model in float32, info) for kind fp | rtn | smoothed | prequantized."""
-    from transformers import AutoModelForCausalLM
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EvalError(f"{path}: no config.json (not a checkpoint folder)")

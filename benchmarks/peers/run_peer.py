@@ -32,14 +32,8 @@ import time
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/machine.py (stdlib only)
+from machine import cpu_model  # noqa: E402
 
 
 def patch_pin_memory() -> str:
