@@ -65,3 +65,34 @@ def test_sqplus_gptq_writes_a_packed_checkpoint_that_loads(tmp_path):
     with torch.no_grad():
         a, b = packed(ids).logits, ref(ids).logits
     assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())
+
+
+def _gptq_fails(capsys, argv, pattern):
+    from vllm_sqplus.cli import main
+    assert main(["gptq", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("sqplus gptq: error: ") and pattern in lines[-1], lines[-1]
+    assert sum("error" in l.lower() for l in lines) == 1, lines
+
+
+def test_gptq_bad_input_one_clear_error_and_input_untouched(tmp_path, capsys):
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    _gptq_fails(capsys, [str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "model folder not found")
+    src = save_tiny(tmp_path / "src", "llama", hidden=96, intermediate=192)
+    cfg = json.loads((src / "config.json").read_text())
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "64"], "not a multiple of group_size 64")
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "16"], "group_size must be one of")
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32"], "unsupported architecture")
+    (src / "config.json").write_text(json.dumps(cfg))
+    t = load_file(src / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir() if p.is_file()}
+    calib = tmp_path / "c.txt"
+    calib.write_text("def f(x):\n    return x\n" * 300)
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32", "--calib", str(calib),
+                         "--samples", "2", "--seq-len", "32"], "contains NaN or Inf")
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "o").exists()

@@ -75,10 +75,26 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "auto"):
     except Exception as e:  # noqa: BLE001 - truncated / corrupt weights, missing tensors, ...
         raise SqplusError(f"cannot load weights of {model_dir}: {type(e).__name__}: {e}") from None
     model.eval()
+    check_finite(model, model_dir)
+    return model, arch
+
+
+def check_finite(model, model_dir) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise SqplusError(f"{model_dir}: weight {name} contains NaN or Inf")
-    return model, arch
+
+
+def check_group_size_for_config(raw: dict, group_size: int) -> None:
+    """The kernels' group-size rule on every input width of a decoder layer, from config.json alone
+    (before any heavy work): one error naming the flag, the width and the group sizes that fit."""
+    from vllm_sqplus.config import check_group_size_supported
+    heads = raw.get("num_attention_heads") or 1
+    widths = {"hidden_size": raw.get("hidden_size"), "intermediate_size": raw.get("intermediate_size"),
+              "num_attention_heads x head_dim": heads * (raw.get("head_dim") or (raw.get("hidden_size") or 0) // heads)}
+    for what, k in widths.items():
+        if isinstance(k, int) and k > 0:
+            check_group_size_supported(k, group_size, f"--group-size {group_size} ({what} {k})")
 
 
 def check_group_sizes(model, arch: ArchSpec, group_size: int) -> None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -164,9 +164,10 @@ def _run(args) -> int:
     from transformers import AutoTokenizer
     from vllm_sqplus.arch import get_arch
     from vllm_sqplus.calib import calibration_ids
-    from vllm_sqplus.checkpoint import (check_output_dir, copy_side_files, load_full_precision, read_config,
+    from vllm_sqplus.checkpoint import (check_finite, check_group_size_for_config, check_output_dir,
+                                        copy_side_files, load_full_precision, read_config,
                                         write_checkpoint_atomic)
-    from vllm_sqplus.config import SqplusConfig, check_group_size_supported, parse_config
+    from vllm_sqplus.config import SqplusConfig, parse_config
     from vllm_sqplus.export import pack_nibbles
     t0 = time.perf_counter()
     raw = read_config(args.model)
@@ -174,7 +175,8 @@ def _run(args) -> int:
     if qc_in is not None and (qc_in.get("quant_method") != "smoothquant_plus" or qc_in.get("format") == "packed"):
         raise SqplusError(f"{args.model} is already quantized; start from a smoothed or full-precision checkpoint")
     cfg = parse_config(dict(qc_in or {}, **({"group_size": args.group_size} if args.group_size else {})), env={})
-    check_group_size_supported(raw.get("hidden_size", cfg.group_size), cfg.group_size, f"--group-size {cfg.group_size}")
+    arch = get_arch(SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
+    check_group_size_for_config(raw, cfg.group_size)
     out = check_output_dir(args.model, args.out, args.overwrite)
     dense = check_output_dir(args.model, args.dense_out, args.overwrite) if args.dense_out else None
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -183,7 +185,7 @@ def _run(args) -> int:
     stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(stored, torch.bfloat16)
     model = load_full_precision(args.model, store_dtype)
-    arch = get_arch(model.config)
+    check_finite(model, args.model)
     _log(f"{ids.shape[0]} x {ids.shape[1]} calibration tokens ({args.calib}), group {cfg.group_size}")
     qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True)
     secs = time.perf_counter() - t0

@@ -84,21 +84,13 @@ def _log(msg: str) -> None:
 def validate(args):
     """Every cheap check before any heavy work -> (alpha, output folder, calibration texts)."""
     from vllm_sqplus.calib import load_calibration_texts
-    from vllm_sqplus.checkpoint import check_output_dir, read_config
-    from vllm_sqplus.config import check_group_size_supported
+    from vllm_sqplus.checkpoint import check_group_size_for_config, check_output_dir, read_config
     alpha = _parse_alpha(args.alpha)
     if args.samples < 1 or args.seq_len < 8 or args.heldout < 1 or args.fit_samples < 1:
         raise SqplusError("--samples, --heldout and --fit-samples must be >= 1 and --seq-len >= 8")
     if args.alpha_step is not None and not 0 < args.alpha_step <= 0.5:
         raise SqplusError(f"--alpha-step must lie in (0, 0.5], got {args.alpha_step}")
-    raw = read_config(args.model_dir)  # folder, config.json
-    # the kernels' group-size rule, on every input width of a decoder layer, before any heavy work
-    heads = raw.get("num_attention_heads") or 1
-    widths = {"hidden_size": raw.get("hidden_size"), "intermediate_size": raw.get("intermediate_size"),
-              "num_attention_heads x head_dim": heads * (raw.get("head_dim") or (raw.get("hidden_size") or 0) // heads)}
-    for what, k in widths.items():
-        if isinstance(k, int) and k > 0:
-            check_group_size_supported(k, args.group_size, f"--group-size {args.group_size} ({what} {k})")
+    check_group_size_for_config(read_config(args.model_dir), args.group_size)  # folder, config.json
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SqplusError(f"--device {args.device}: no CUDA device is available")
     out = check_output_dir(args.model_dir, args.out, args.overwrite)
