@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo (README): set-up + real models, then the whole SmoothQuant+ path on Qwen2.5-Coder-0.5B:
-#   1. sqplus smooth   calibrate on HumanEval prompts, search alpha, write a smoothed BF16 checkpoint
+#   1. sqplus smooth   calibrate on stdlib code (the default), search, clip, write a smoothed BF16 checkpoint
 #   2. vLLM            LLM(model=..., quantization="smoothquant_plus"): INT4 while loading, generate
 #   3. sqplus serve    the OpenAI server on 127.0.0.1, queried once with curl, then stopped
 # usage: bash scripts/demo.sh [MODEL_NAME]   (qwen2.5-coder-0.5b-instruct | smollm2-135m-instruct)
@@ -14,9 +14,9 @@ NAME=${1:-qwen2.5-coder-0.5b-instruct}
 GROUP=128; [ "$NAME" = smollm2-135m-instruct ] && GROUP=64   # 128 does not divide SmolLM2's 576
 OUT="$ROOT/.demo/$NAME-sqplus"
 if [ ! -f "$OUT/config.json" ]; then
-  "$PY" -m vllm_sqplus.cli smooth "$MODELS/$NAME" --out "$OUT" --group-size $GROUP --samples 64
+  "$PY" -m vllm_sqplus.cli smooth "$MODELS/$NAME" --out "$OUT" --group-size $GROUP
 fi
-"$PY" -c "import json; q=json.load(open('$OUT/config.json'))['quantization_config']; print('smoothed checkpoint:', '$OUT', 'alpha =', q['alpha'])"
+"$PY" -c "import json; q=json.load(open('$OUT/config.json'))['quantization_config']; print('smoothed checkpoint:', '$OUT', 'choice =', q.get('choice'), 'alpha =', q['alpha'])"
 "$PY" examples/quantize_and_generate.py --model "$OUT"
 PORT=${SQPLUS_DEMO_PORT:-8765}
 "$PY" -m vllm_sqplus.cli serve "$OUT" --host 127.0.0.1 --port $PORT --max-model-len 2048 --enforce-eager \
