@@ -72,3 +72,22 @@ def test_ratio_one_wins_ties_and_gaussian_weights_barely_clip():
     x = torch.randn(256, 128)
     ratios, rel = search_clip(w, group_gram(x, 128), 128, ratios=(1.0, 1.0))
     assert torch.equal(ratios, torch.ones(32, 1)) and rel == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_clipped_fake_quant_is_bit_identical_to_clip_then_rtn(dtype):
+    """search_clip's fused path == pseudo_quantize_int4(apply_clip(w)) in the storage dtype, bit for
+    bit, for every ratio (groups of one sign and all-zero groups included)."""
+    from vllm_sqplus.clip import _fake_quant_ranges
+    w = _heavy(64, 256, seed=3).to(dtype).float()
+    w[0, :64] = w[0, :64].abs()          # a positive group
+    w[1, 64:128] = -w[1, 64:128].abs()   # a negative group
+    w[2, 128:192] = 0.0                  # an all-zero group
+    wg = w.reshape(64, 4, 64)
+    lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    for r in (1.0, 0.95, 0.8, 0.65, 0.5):
+        rr = torch.full((64, 4), r)
+        lo, hi = clip_bounds(w, rr, 64, dtype)
+        got = _fake_quant_ranges(wg, lo.float(), hi.float(), dtype).reshape(64, 256)
+        want = pseudo_quantize_int4(apply_clip(w, rr, 64, dtype).to(dtype), 64).float()
+        assert torch.equal(got, want), r

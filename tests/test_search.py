@@ -116,3 +116,37 @@ def test_choice_needs_nll_no_worse_than_rtn():
     assert choose(rows, rows) == "rtn"                # nothing dominates RTN: the identity
     rows["rtn+clip"]["nll"] = 2.0
     assert choose(rows, rows) == "rtn+clip"
+
+
+@pytest.mark.parametrize("kind,kv", [("llama", None), ("qwen2", 2)])
+def test_prepare_layer_reuse_rebuilds_exactly_what_changed(kind, kv):
+    """A coordinate-descent sequence of plans through one reused work layer gives, at every step,
+    the same fake-quantized layer as building it from scratch (bit for bit), and reuse really skips
+    the modules whose alphas did not change."""
+    model = (tiny_model(kind, kv_heads=kv) if kv else tiny_model(kind)).to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    q = QuantSpec(64, True, torch.bfloat16)
+    ids = _ids(4, 32, seed=2)
+    runner = LayerwiseModel(model, arch)
+    from vllm_sqplus.calibrate import collect_act_stats
+    src = runner.layer_on_device(0)
+    stats, _, _ = collect_act_stats(src, arch, runner, runner.embed(ids))
+    pairs = arch.active_pairs(model.config)
+    assert len(pairs) >= 3
+    seq = [{}, {p.prev: 0.5 for p in pairs}]
+    for j, p in enumerate(pairs):  # one pair at a time, as the descent does
+        for a in (None, 0.3, 0.7):
+            seq.append({**seq[-1], p.prev: a})
+    work, reuse = copy.deepcopy(src), {}
+    rebuilt = []
+    for alphas in seq:
+        plan = LayerPlan(dict(alphas))
+        before = {n: get_module(work, n).weight.clone() for n in arch.linears}
+        prepare_layer(work, src, arch, model.config, stats, plan, q, reuse=reuse)
+        rebuilt.append(sum(not torch.equal(before[n], get_module(work, n).weight) for n in arch.linears))
+        fresh = copy.deepcopy(src)
+        prepare_layer(fresh, src, arch, model.config, stats, plan, q)
+        for (n1, a), (n2, b) in zip(work.named_parameters(), fresh.named_parameters()):
+            assert torch.equal(a, b), (alphas, n1)
+    # a step that changes one pair leaves the other linears as they were
+    assert min(rebuilt[2:]) < len(arch.linears)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sqplus.quant import check_group_size, pseudo_quantize_int4
+from vllm_sqplus.quant import _MIN_RANGE, QuantError, check_group_size, pseudo_quantize_int4
 
 DEFAULT_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5 (AWQ: 20 steps, shrink <= 0.5)
 
@@ -62,6 +62,18 @@ def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int,
     return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(n, k)
 
 
+def _fake_quant_ranges(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sd: torch.dtype) -> torch.Tensor:
+    """pseudo_quantize_int4 (zero point) of wg [m, G, g] clamped to [lo, hi] [m, G], without the
+    clamp copy, the checks and the reshapes: wg, lo and hi hold values of sd (float32 tensors), and
+    lo <= 0 <= hi are the clamped groups' own min/max (widened to 0), as quantize_int4 would find.
+    Bit-identical to pseudo_quantize_int4(apply_clip(w).to(sd)).float() (tests/test_clip.py)."""
+    scale = ((hi - lo).clamp(min=_MIN_RANGE) / 15).to(sd).float()
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    wc = torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1))
+    q = torch.round_(wc.div_(scale.unsqueeze(-1))).add_(zero.unsqueeze(-1)).clamp_(0, 15)
+    return q.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).to(sd).float()
+
+
 @torch.no_grad()
 def search_clip(w: torch.Tensor, gram: torch.Tensor, group_size: int, zero_point: bool = True,
                 ratios=DEFAULT_RATIOS, store_dtype: torch.dtype | None = None, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,20 +84,30 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, group_size: int, zero_point
     """
     n, k = w.shape
     g = check_group_size(k, group_size)
+    if not torch.isfinite(w).all():
+        raise QuantError("search_clip: weight contains NaN or Inf")
+    sd = store_dtype or w.dtype
     best_r = torch.ones(n, k // g)
     err0_total, best_total = 0.0, 0.0
     gram = gram.float()
+    ratios = (1.0, *[r for r in ratios if r != 1.0])  # no clipping first: it wins ties
     for r0 in range(0, n, rows_per_chunk):
         wc = w[r0: r0 + rows_per_chunk]
         m = wc.shape[0]
+        wg = wc.to(sd).float().reshape(m, k // g, g)
+        lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
         best = torch.full((m, k // g), float("inf"))
         ratio = torch.ones(m, k // g)
-        ratios = (1.0, *[r for r in ratios if r != 1.0])  # no clipping first: it wins ties
         for r in ratios:
             rr = torch.full((m, k // g), float(r))
-            wc_r = apply_clip(wc, rr, g, store_dtype) if r < 1.0 else wc
-            wq = pseudo_quantize_int4(wc_r.to(store_dtype or wc.dtype), g, zero_point).float()
-            d = (wc.float() - wq).reshape(m, k // g, g).transpose(0, 1)   # [K/g, m, g]
+            if zero_point:
+                lo, hi = ((lo0, hi0) if r == 1.0 else
+                          ((lo0 * rr).to(sd).to(wc.dtype).float(), (hi0 * rr).to(sd).to(wc.dtype).float()))
+                wq = _fake_quant_ranges(wg, lo, hi, sd).reshape(m, k)
+            else:
+                wc_r = apply_clip(wc, rr, g, store_dtype) if r < 1.0 else wc
+                wq = pseudo_quantize_int4(wc_r.to(sd), g, zero_point).float()
+            d = (wc.float() - wq).reshape(m, k // g, g).transpose(0, 1).contiguous()   # [K/g, m, g]
             err = (torch.bmm(d, gram) * d).sum(-1).transpose(0, 1)        # [m, K/g]
             if r == 1.0:
                 err0_total += float(err.sum())

@@ -122,45 +122,104 @@ def _pair_of(pairs: list[SmoothPair]) -> dict[str, SmoothPair]:
     return {lin: p for p in pairs for lin in p.linears}
 
 
+def _touching(pairs: list[SmoothPair]) -> dict[str, list[SmoothPair]]:
+    """Module path -> the pairs whose fold writes it (as prev or as one of the linears), in order."""
+    out: dict[str, list[SmoothPair]] = {}
+    for p in pairs:
+        for n in (p.prev, *p.linears):
+            out.setdefault(n, []).append(p)
+    return out
+
+
+def _folds_independent(pairs: list[SmoothPair]) -> bool:
+    """No pair's linears are written by an earlier fold: each pair's scales then depend on its own
+    alpha only (true of every architecture in vllm_sqplus.arch), so modules can be rebuilt alone."""
+    written: set[str] = set()
+    for p in pairs:
+        if written & set(p.linears):
+            return False
+        written.update((p.prev, *p.linears))
+    return True
+
+
 @torch.no_grad()
 def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats: dict, plan: LayerPlan,
                   q: QuantSpec, grams: dict[str, torch.Tensor] | None = None, clip: bool = False,
-                  ratios=DEFAULT_RATIOS, layer_name: str = "layer") -> dict[str, torch.Tensor] | None:
+                  ratios=DEFAULT_RATIOS, layer_name: str = "layer",
+                  reuse: dict | None = None, clip_cache: dict | None = None) -> dict[str, torch.Tensor] | None:
     """work <- src smoothed by plan, rounded to the storage dtype, clipped, linears fake-quantized.
 
     Clipping: plan.clip's ratios when it has them; else, with clip=True, searched here (needs the
     statistics inputs' Gram blocks `grams`, keyed by linear) and returned.
+
+    reuse: a dict owned by the caller for one (work, src) pair across calls. It remembers which
+    alphas each module of `work` was last built with, and only modules whose alphas changed are
+    rebuilt (a coordinate-descent trial changes one pair: its norm and linears). The result is the
+    same as without it; calls that clip rebuild everything and reset it.
+
+    clip_cache: searched clipping ratios by (layer_name, linear, its alphas), shared by the passes
+    of one search: a linear smoothed the same way as in an earlier pass (same weights, same Gram)
+    gets the same ratios without searching again.
     """
-    for pw, ps in zip(work.parameters(), src.parameters()):
-        pw.copy_(ps)
-    scales: dict[str, torch.Tensor] = {}
     pairs = arch.active_pairs(config)
+    touching = _touching(pairs)
+    clipping = plan.clip is not None or clip
+
+    def key(n: str) -> tuple:
+        return plan.stat, tuple(plan.alphas.get(p.prev) for p in touching.get(n, []))
+
+    names = list(dict.fromkeys([*touching, *arch.linears]))
+    if reuse is None or clipping or not _folds_independent(pairs) or not reuse:
+        for pw, ps in zip(work.parameters(), src.parameters()):
+            pw.copy_(ps)
+        fresh = set(names)
+    else:
+        fresh = {n for n in names if reuse.get(n) != key(n)}
+        for n in fresh:
+            for pw, ps in zip(get_module(work, n).parameters(), get_module(src, n).parameters()):
+                pw.copy_(ps)
+    scales: dict[str, torch.Tensor] = {}
     for pair in pairs:
         alpha = plan.alphas.get(pair.prev)
-        if alpha is None:
+        if alpha is None or not fresh & {pair.prev, *pair.linears}:
             continue
-        fcs = [get_module(work, n) for n in pair.linears]
+        # the pair's linears are as in src here (_folds_independent), whether rebuilt or not
+        fcs = [get_module(src if n not in fresh else work, n) for n in pair.linears]
         s = compute_smooth_scales(stats[plan.stat][pair.linears[0]], [fc.weight for fc in fcs], alpha)
-        apply_smooth(get_module(work, pair.prev), fcs, s, pair.kind)
+        prev = get_module(work, pair.prev) if pair.prev in fresh else None
+        apply_smooth(prev, [get_module(work, n) for n in pair.linears if n in fresh], s, pair.kind)
         for n in pair.linears:
             scales[n] = s
-        _round(work, q.store_dtype)  # each fold rounds to the checkpoint's dtype, as apply_plans does
-    _round(work, q.store_dtype)  # what the checkpoint will hold
+        for n in {pair.prev, *pair.linears} & fresh:  # each fold rounds to the checkpoint's dtype
+            _round(get_module(work, n), q.store_dtype)
+    for n in fresh:  # what the checkpoint will hold
+        _round(get_module(work, n), q.store_dtype)
     found = None
-    if plan.clip is not None or clip:
+    if clipping:
         found = {}
         for name in arch.linears:
             w = get_module(work, name).weight
+            ck = (layer_name, name, key(name), q.group_size, q.zero_point, tuple(ratios))
             if plan.clip is not None:
                 r = plan.clip[name]
+            elif clip_cache is not None and ck in clip_cache:
+                r = clip_cache[ck]
             else:
                 gram = grams[name] if name not in scales else scale_gram(grams[name], scales[name])
                 r, _ = search_clip(w, gram, q.group_size, q.zero_point, ratios, q.store_dtype)
+                if clip_cache is not None:
+                    clip_cache[ck] = r = r.cpu()
             found[name] = r
             w.copy_(apply_clip(w, r.to(w.device), q.group_size, q.store_dtype))
     for name in arch.linears:  # quantized exactly as the plugin will: from the stored dtype's values
+        if name not in fresh:
+            continue
         w = get_module(work, name).weight
         w.copy_(pseudo_quantize_int4(w.to(q.store_dtype), q.group_size, q.zero_point, f"{layer_name}.{name}"))
+    if reuse is not None:
+        reuse.clear()
+        if not clipping:
+            reuse.update({n: key(n) for n in names})
     return found
 
 
@@ -258,11 +317,12 @@ def _layers(runner, progress: bool, desc: str):
 @torch.no_grad()
 def _pass_uniform(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout: torch.Tensor,
                   cands: list[Candidate], act_stats: list, stat_ids: torch.Tensor | None = None,
-                  fit_n: int = 0, grams_out: list | None = None, progress: bool = False, desc: str = "pass"):
+                  fit_n: int = 0, grams_out: list | None = None, progress: bool = False, desc: str = "pass",
+                  reference: bool = True):
     """Held-out streams of whole-model candidates (and, with stat_ids, the statistics on the way).
 
-    Returns (streams per candidate, final FP stream, FP layer inputs of the first fit_n statistics
-    samples per layer [L+1]).
+    Returns (streams per candidate, final FP stream (None without `reference`), FP layer inputs of
+    the first fit_n statistics samples per layer [L+1]).
     """
     config = runner.model.config
     hs_stat = runner.embed(stat_ids) if stat_ids is not None else None
@@ -286,9 +346,10 @@ def _pass_uniform(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldo
             prepare_layer(work, layer, arch, config, stats,
                           LayerPlan.uniform(cand, arch.active_pairs(config, PAIR_SETS[cand.pairs])), q, layer_name=name)
             streams[c] = runner.run_layer(work, streams[c])
-        hs_ref = runner.run_layer(layer, hs_ref)
+        if reference:
+            hs_ref = runner.run_layer(layer, hs_ref)
         del layer, work
-    return streams, hs_ref, fit_inputs
+    return streams, (hs_ref if reference else None), fit_inputs
 
 
 def _stats_on(per_layer: dict, device) -> dict:
@@ -344,7 +405,8 @@ def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: tor
 @torch.no_grad()
 def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, grams: list,
                     fit_inputs: list[torch.Tensor], weights: list | None, start: Candidate,
-                    opts: SearchOptions, heldout: torch.Tensor) -> tuple[list[LayerPlan], torch.Tensor, list]:
+                    opts: SearchOptions, heldout: torch.Tensor,
+                    clip_cache: dict | None = None) -> tuple[list[LayerPlan], torch.Tensor, list]:
     """Coordinate descent per layer and pair type on the quantized fit stream; clip; carry on.
 
     Returns (plans with clip ratios, the held-out stream of the resulting model, per-layer log).
@@ -361,9 +423,10 @@ def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act
         target = fit_inputs[i + 1].to(runner.device)
         wgt = weights[i].to(runner.device) if weights is not None else None
         work = copy.deepcopy(layer)
+        reuse: dict = {}  # a trial rebuilds only the modules its pair writes
 
         def err(plan: LayerPlan) -> float:
-            prepare_layer(work, layer, arch, config, stats, plan, q, layer_name=name)
+            prepare_layer(work, layer, arch, config, stats, plan, q, layer_name=name, reuse=reuse)
             d = (runner.run_layer(work, hs_fit) - target).pow(2)
             return float((d * wgt).mean() if wgt is not None else d.mean())
 
@@ -387,7 +450,7 @@ def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act
             base = best_e
         gr = {k: v.to(runner.device) for k, v in grams[i].items()} if opts.clip else None
         found = prepare_layer(work, layer, arch, config, stats, plan, q, gr, clip=opts.clip,
-                              ratios=opts.clip_ratios, layer_name=name)
+                              ratios=opts.clip_ratios, layer_name=name, clip_cache=clip_cache)
         plan.clip = {k: v.cpu() for k, v in found.items()} if found else None
         hs_fit = runner.run_layer(work, hs_fit)
         hs_held = runner.run_layer(work, hs_held)
@@ -400,7 +463,7 @@ def _pass_layerwise(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act
 @torch.no_grad()
 def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout: torch.Tensor,
                 plans_per_cand: list[list[LayerPlan]], act_stats: list, grams: list | None,
-                clip: bool, opts: SearchOptions, desc: str) -> list[torch.Tensor]:
+                clip: bool, opts: SearchOptions, desc: str, clip_cache: dict | None = None) -> list[torch.Tensor]:
     """Held-out streams of per-layer plans; with clip, plans without ratios get them searched (kept)."""
     config = runner.model.config
     streams = [runner.embed(heldout) for _ in plans_per_cand]
@@ -413,7 +476,7 @@ def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout
         for c, plans in enumerate(plans_per_cand):
             plan = plans[i]
             found = prepare_layer(work, layer, arch, config, stats, plan, q, gr, clip=clip,
-                                  ratios=opts.clip_ratios, layer_name=name)
+                                  ratios=opts.clip_ratios, layer_name=name, clip_cache=clip_cache)
             if clip and plan.clip is None and found:
                 plan.clip = {k: v.cpu() for k, v in found.items()}
             streams[c] = runner.run_layer(work, streams[c])
@@ -461,7 +524,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
             extra = [c for c in extra if c not in scored]
             if extra:
                 more, _, _ = _pass_uniform(runner, arch=arch, q=q, heldout=heldout, cands=extra,
-                                           act_stats=act_stats, progress=opts.progress, desc=f"refine {step:g}")
+                                           act_stats=act_stats, progress=opts.progress, desc=f"refine {step:g}",
+                                           reference=False)
                 scored.update({c: scorer(s) for c, s in zip(extra, more)})
         secs["alpha_refine"] = time.perf_counter() - t0 - sum(secs.values())
 
@@ -471,6 +535,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     def uniform(c: Candidate) -> list[LayerPlan]:
         return [LayerPlan.uniform(c, arch.active_pairs(config, PAIR_SETS[c.pairs])) for _ in range(n_layers)]
 
+    clip_cache: dict = {}  # clipping ratios searched once per (layer, linear, smoothing)
     table = [_row(name_of(c), *scored[c], kind="whole-model", alpha=c.alpha, stat=c.stat, pairs=c.pairs,
                   clip=False) for c in scored]
     paper = min(scored, key=lambda c: scored[c][0])
@@ -482,7 +547,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
         t = time.perf_counter()
         clip_cands = {name_of(c) + "+clip": uniform(c) for c in (IDENTITY, smoothed_best) if c}
         outs = _pass_plans(runner, arch=arch, q=q, heldout=heldout, plans_per_cand=list(clip_cands.values()),
-                           act_stats=act_stats, grams=grams, clip=True, opts=opts, desc="clip")
+                           act_stats=act_stats, grams=grams, clip=True, opts=opts, desc="clip",
+                           clip_cache=clip_cache)
         for (name, plans), hs, c in zip(clip_cands.items(), outs, (IDENTITY, smoothed_best)):
             table.append(_row(name, *scorer(hs), kind="whole-model", alpha=c.alpha, stat=c.stat, pairs=c.pairs,
                               clip=True))
@@ -498,7 +564,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
         start = paper if paper.alpha is not None else (smoothed_best or IDENTITY)
         plans, hs, layer_log = _pass_layerwise(runner, arch=arch, q=q, act_stats=act_stats, grams=grams or [],
                                                fit_inputs=fit_inputs, weights=weights, start=start, opts=opts,
-                                               heldout=heldout)
+                                               heldout=heldout, clip_cache=clip_cache)
         name = "per-layer" + ("+clip" if opts.clip else "")
         table.append(_row(name, *scorer(hs), kind="per-layer", clip=opts.clip, start_alpha=start.alpha,
                           loss="fisher-weighted" if opts.fisher else "mse"))

@@ -31,17 +31,21 @@ def compute_smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], al
 
 
 @torch.no_grad()
-def apply_smooth(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, kind: str) -> None:
-    """Divide prev's output channels by s, multiply the linears' input columns by s (in place)."""
-    s = s.to(prev.weight.device)
-    if kind == "norm":
+def apply_smooth(prev: nn.Module | None, linears: list[nn.Linear], s: torch.Tensor, kind: str) -> None:
+    """Divide prev's output channels by s, multiply the linears' input columns by s (in place).
+    prev None: only the linears' half of the fold (the search rebuilds modules one at a time)."""
+    if prev is None:
+        pass
+    elif kind == "norm":
+        s = s.to(prev.weight.device)
         prev.weight.copy_((prev.weight.float() / s).to(prev.weight.dtype))
     else:  # a linear: its output rows (and bias) feed our input columns
+        s = s.to(prev.weight.device)
         prev.weight.copy_((prev.weight.float() / s[:, None]).to(prev.weight.dtype))
         if getattr(prev, "bias", None) is not None:
             prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
     for fc in linears:
-        fc.weight.copy_((fc.weight.float() * s[None, :]).to(fc.weight.dtype))
+        fc.weight.copy_((fc.weight.float() * s.to(fc.weight.device)[None, :]).to(fc.weight.dtype))
 
 
 @torch.no_grad()
