@@ -1,6 +1,7 @@
 """GPTQ on a smoothed checkpoint (vllm_sqplus.gptq) against plain-PyTorch references."""
 import json
 
+import pytest
 import torch
 
 from tiny import save_tiny
@@ -96,3 +97,71 @@ def test_gptq_bad_input_one_clear_error_and_input_untouched(tmp_path, capsys):
                          "--samples", "2", "--seq-len", "32"], "contains NaN or Inf")
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir() if p.is_file()} == before
     assert not (tmp_path / "o").exists()
+
+
+def _correlated(k, n, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    x = torch.randn(2048, k, generator=g) @ mix
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[torch.rand(n, k, generator=g) < 0.01] *= 8   # outliers, as in LLM weights
+    w[0, :64] = w[0, :64].abs()                    # a group of one sign (its range ends at 0)
+    w[1, 64:128] = -w[1, 64:128].abs()
+    return w.to(dtype), x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reproducible_gptq_survives_storage_and_rtn_at_load_bit_for_bit(dtype):
+    """The smoothed form: GPTQ's result dequantized and stored in the checkpoint dtype is quantized
+    back by plain RTN (what the plugin does at load) to the same codes, scales and zeros, every one;
+    and it keeps GPTQ's advantage over RTN."""
+    w, x = _correlated(256, 96, seed=3, dtype=dtype)
+    q, s, z = gptq_quantize(w, x.T @ x, 64, True, dtype, reproducible=True)
+    stored = dequantize_int4(q, s, z, 64, dtype=dtype)  # what the checkpoint holds
+    q2, s2, z2 = quantize_int4(stored, 64)
+    assert torch.equal(s2, s) and torch.equal(z2, z) and torch.equal(q2, q)
+    wq = stored.float()
+    rtn = pseudo_quantize_int4(w, 64).float()
+    plain_q, plain_s, plain_z = gptq_quantize(w, x.T @ x, 64, True, dtype)
+    plain = dequantize_int4(plain_q, plain_s, plain_z, 64, dtype=torch.float32)
+    e_rep, e_plain, e_rtn = (_out_err(w.float(), t, x) for t in (wq, plain, rtn))
+    assert e_rep < 0.8 * e_rtn
+    assert e_rep < 1.1 * e_plain  # pinning two codes per group costs GPTQ little
+    # without the pinned range, plain GPTQ's dense weights do not survive RTN at load
+    q3, s3, z3 = quantize_int4(dequantize_int4(plain_q, plain_s, plain_z, 64, dtype=dtype), 64)
+    assert not (torch.equal(q3, plain_q) and torch.equal(s3, plain_s))
+
+
+def test_sqplus_gptq_smoothed_form_is_what_the_plugin_quantizes_at_load(tmp_path):
+    from vllm_sqplus.checkpoint import load_full_precision
+    from vllm_sqplus.cli import main
+    src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
+    before = (src / "model.safetensors").read_bytes()
+    calib = tmp_path / "c.txt"
+    calib.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 200)
+    out, packed = tmp_path / "s", tmp_path / "p"
+    args = ["--calib", str(calib), "--samples", "4", "--seq-len", "32", "--group-size", "64"]
+    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", *args]) == 0
+    assert main(["gptq", str(src), "--out", str(packed), *args]) == 0
+    assert (src / "model.safetensors").read_bytes() == before
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "smoothquant_plus" and qc["format"] == "smoothed"
+    assert qc["gptq"]["rtn_at_load_mismatches"] == 0
+    from safetensors.torch import load_file
+    from vllm_sqplus.export import unpack_nibbles
+    sm, pk = load_file(out / "model.safetensors"), load_file(packed / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    assert sm[f"{name}.weight"].dtype == torch.bfloat16
+    q, s, z = quantize_int4(sm[f"{name}.weight"], 64)   # the plugin's RTN at load
+    pq = unpack_nibbles(pk[f"{name}.qweight"])
+    # same GPTQ run but for the two pinned codes per group: the two forms nearly agree
+    assert (q != pq).float().mean() < 0.2
+    model = load_full_precision(str(out))
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_sqplus_gptq_smoothed_form_bad_options_one_clear_error(tmp_path, capsys):
+    src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "x"), "--format", "smoothed",
+                         "--dense-out", str(tmp_path / "d"), "--group-size", "64"], "--dense-out goes with --format packed")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()

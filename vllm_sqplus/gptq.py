@@ -48,11 +48,57 @@ def _group_params(w: torch.Tensor, zero_point: bool, store_dtype: torch.dtype):
     return s32, z, s
 
 
+def _next_values(s: torch.Tensor, steps: int) -> torch.Tensor:
+    """The store-dtype values `steps` ulps from s (s > 0, a store-dtype tensor), same dtype."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[s.dtype]
+    return (s.view(bits) + steps).view(s.dtype)
+
+
+def _load_time_params(lo_st: torch.Tensor, hi_st: torch.Tensor, store_dtype: torch.dtype):
+    """quant.quantize_int4's scale (as stored) and zero for a group whose stored min/max are
+    lo_st <= 0 <= hi_st (store-dtype values as float32): what RTN at load will find."""
+    s = ((hi_st - lo_st).clamp(min=_MIN_RANGE) / 15).to(store_dtype)
+    return s, torch.round(-lo_st / s.float()).clamp(0, 15)
+
+
+def _reproducible_group(lo: torch.Tensor, hi: torch.Tensor, store_dtype: torch.dtype, tries: int = 3):
+    """A scale (store dtype) and zero for a group with range lo <= 0 <= hi [N] such that a group
+    holding the codes 0 and 15 (dequantized, stored in store_dtype) is given back exactly this
+    scale and zero by RTN at load. Starts from RTN's own scale and tries its neighbours (a few
+    ulps) where rounding the stored extremes moves it. Returns (s32, z, s_stored, ok [N] bool)."""
+    s0, _ = _load_time_params(lo, hi, store_dtype)
+    best_s, best_z = s0.clone(), torch.round(-lo / s0.float()).clamp(0, 15)
+    ok = torch.zeros_like(lo, dtype=torch.bool)
+    for d in [0, *[x for k in range(1, tries + 1) for x in (-k, k)]]:
+        sc = _next_values(s0, d) if d else s0
+        s32 = sc.float()
+        zc = torch.round(-lo / s32).clamp(0, 15)
+        lo_st = ((0 - zc) * s32).to(store_dtype).float()
+        hi_st = ((15 - zc) * s32).to(store_dtype).float()
+        s_back, z_back = _load_time_params(lo_st.clamp(max=0), hi_st.clamp(min=0), store_dtype)
+        good = (s_back == sc) & (z_back == zc) & (s32 > 0) & ~ok
+        best_s = torch.where(good, sc, best_s)
+        best_z = torch.where(good, zc, best_z)
+        ok |= good
+    return best_s.float(), best_z, best_s, ok
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool = True,
-                  store_dtype: torch.dtype = torch.bfloat16, block: int = 128, damp: float = 0.01):
+                  store_dtype: torch.dtype = torch.bfloat16, block: int = 128, damp: float = 0.01,
+                  reproducible: bool = False):
     """GPTQ of w [N, K] with input Hessian h [K, K] -> (q uint8 [N, K], scales [N, K/g] store_dtype,
-    zeros uint8 [N, K/g]); dequantize_int4 of the result is the layer's new weight."""
+    zeros uint8 [N, K/g]); dequantize_int4 of the result is the layer's new weight.
+
+    reproducible (zero point only): the result, dequantized and stored in store_dtype as a plain
+    weight, is quantized back to exactly (q, scales, zeros) by plain RTN (quant.quantize_int4), so
+    a smoothed checkpoint can carry GPTQ's rounding decisions and the plugin still only rounds at
+    load. Per group, the scale is one RTN at load reproduces (_reproducible_group) and the group's
+    smallest and largest weight (when the group starts) are given the codes 0 and 15, so the stored
+    group spans exactly that range; GPTQ's error feedback absorbs the two pinned roundings.
+    """
+    if reproducible and not zero_point:
+        raise SqplusError("GPTQ in the RTN-reproducible form needs the zero-point scheme")
     n, k = w.shape
     g = check_group_size(k, group_size)
     W = w.float().clone()
@@ -79,11 +125,22 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point:
         for j in range(i2 - i1):
             col = i1 + j
             if col % g == 0:  # the group's range from its weights as they are now
-                s32, z, s_st = _group_params(W1[:, j: j + g], zero_point, store_dtype)
+                grp = W1[:, j: j + g]
+                if reproducible:
+                    hi, lo = grp.amax(-1).clamp(min=0), grp.amin(-1).clamp(max=0)
+                    s32, z, s_st, _ = _reproducible_group(lo.to(store_dtype).float(), hi.to(store_dtype).float(),
+                                                          store_dtype)
+                    # the elements that carry the range (none needed where the range ends at 0)
+                    pin_lo = torch.where(z > 0, col + grp.argmin(-1), -1)
+                    pin_hi = torch.where(z < 15, col + grp.argmax(-1), -1)
+                else:
+                    s32, z, s_st = _group_params(grp, zero_point, store_dtype)
                 scales[:, col // g] = s_st
                 zeros[:, col // g] = z.to(torch.uint8)
             wc = W1[:, j]
             qc = (torch.round(wc / s32) + z).clamp(0, 15)
+            if reproducible:
+                qc = torch.where(pin_lo == col, 0.0, torch.where(pin_hi == col, 15.0, qc))
             Q[:, col] = qc.to(torch.uint8)
             deq = (qc - z) * s32
             e = (wc - deq) / Hi[j, j]
@@ -99,7 +156,8 @@ def _log(msg: str) -> None:
 
 @torch.no_grad()
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
-               store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False):
+               store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
+               reproducible: bool = False):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
     returns {module name: (q, scales, zeros)}."""
     from vllm_sqplus.arch import get_module
@@ -135,7 +193,8 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
         stored = runner.layers[i]
         for name in arch.linears:
             lin = get_module(layer, name)
-            q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype)
+            q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype,
+                                    reproducible=reproducible)
             deq = dequantize_int4(q, s, z, group_size, dtype=torch.float32)
             lin.weight.copy_(deq.to(lin.weight.device))
             get_module(stored, name).weight.data = deq.to(get_module(stored, name).weight.device)
@@ -149,7 +208,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gptq", help="GPTQ INT4 of a smoothed checkpoint -> pre-quantized checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="smoothed (sqplus smooth) or plain checkpoint folder")
-    p.add_argument("--out", required=True, help="pre-quantized (packed) checkpoint folder")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--format", choices=["packed", "smoothed"], default="packed",
+                   help="packed: INT4 codes, scales, zeros (loaded as is); smoothed: the dequantized "
+                        "weights in the input's dtype, which the plugin's RTN at load quantizes back to "
+                        "exactly GPTQ's codes and scales (the paper's deployment form; zero point only)")
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
     p.add_argument("--calib", default="stdlib")
     p.add_argument("--samples", type=int, default=32)
@@ -177,6 +240,8 @@ def _run(args) -> int:
     cfg = parse_config(dict(qc_in or {}, **({"group_size": args.group_size} if args.group_size else {})), env={})
     arch = get_arch(SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
     check_group_size_for_config(raw, cfg.group_size)
+    if args.format == "smoothed" and args.dense_out:
+        raise SqplusError("--dense-out goes with --format packed (the smoothed form is itself dense)")
     out = check_output_dir(args.model, args.out, args.overwrite)
     dense = check_output_dir(args.model, args.dense_out, args.overwrite) if args.dense_out else None
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -187,8 +252,37 @@ def _run(args) -> int:
     model = load_full_precision(args.model, store_dtype)
     check_finite(model, args.model)
     _log(f"{ids.shape[0]} x {ids.shape[1]} calibration tokens ({args.calib}), group {cfg.group_size}")
-    qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True)
+    if args.format == "smoothed" and not cfg.zero_point:
+        raise SqplusError("--format smoothed needs the zero-point scheme (the input's quantization_config "
+                          "has zero_point false)")
+    qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True,
+                    reproducible=args.format == "smoothed")
     secs = time.perf_counter() - t0
+    gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
+                 "damp": 0.01, "act_order": False, "seconds": round(secs, 1)}
+
+    def write_smoothed(tmp: Path) -> None:
+        from vllm_sqplus.checkpoint import save_model
+        from vllm_sqplus.quant import quantize_int4
+        model.to(store_dtype)
+        # the promise of this form, checked on what is written: RTN at load gives GPTQ's quantization
+        mismatched = 0
+        for mod, (q, s, z) in qs.items():
+            w = get_module(model, mod).weight
+            q2, s2, z2 = quantize_int4(w, cfg.group_size, True, mod)
+            mismatched += int((q2 != q).sum()) + int((s2 != s).sum()) + int((z2 != z).sum())
+        gptq_info["rtn_at_load_mismatches"] = mismatched
+        extra = dict(qc_in or {})
+        extra["gptq"] = dict(gptq_info, form="smoothed: dequantized GPTQ weights, exact under RTN at load")
+        save_model(model, args.model, tmp, SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
+                                                        format="smoothed").to_dict(extra=extra))
+
+    if args.format == "smoothed":
+        from vllm_sqplus.arch import get_module
+        write_checkpoint_atomic(out, args.overwrite, write_smoothed)
+        _log(f"wrote {out} in {time.perf_counter() - t0:.0f}s (GPTQ {secs:.0f}s; values RTN at load "
+             f"does not give back: {gptq_info['rtn_at_load_mismatches']})")
+        return 0
 
     def write_packed(tmp: Path) -> None:
         from safetensors.torch import save_file
@@ -209,8 +303,7 @@ def _run(args) -> int:
         copy_side_files(args.model, tmp)
         new = dict(raw)
         extra = dict(qc_in or {})
-        extra["gptq"] = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
-                         "damp": 0.01, "act_order": False, "seconds": round(secs, 1)}
+        extra["gptq"] = gptq_info
         new["quantization_config"] = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
                                                   format="packed").to_dict(extra=extra)
         (tmp / "config.json").write_text(json.dumps(new, indent=2) + "\n")
