@@ -10,6 +10,9 @@ Variants (all evaluated in float32 on the same token windows):
   --prequantized NAME=DIR: a dense checkpoint whose linears already hold dequantized INT4 weights
                 (GPTQ / AWQ from benchmarks/peers): evaluated as stored, never re-quantized (checked:
                 at most 16 distinct values per group of the first linear).
+  --lm-head MODE  (int8 | int4, repeatable) adds "RTN+lm_head MODE": RTN plus the lm_head
+                fake-quantized as the plugin's lm_head option does (vllm_sqplus.lm_head.
+                pseudo_quantize_lm_head; int4 with --group-size), the embedding untied and kept.
 Metrics: perplexity on vllm_sqplus.corpora.eval_code_text() and eval_english_text() (never part of
 any calibration), and the mean over those tokens of KL(FP || variant) of the next-token distribution.
 FP log-probabilities are computed once per text and cached on disk in float16 (--cache DIR), one
@@ -103,7 +106,17 @@ def check_prequantized(model, group_size: int, path) -> int:
     return levels
 
 
-def load_variant(kind: str, path, group_size: int):
+@torch.no_grad()
+def fake_quantize_lm_head(model, mode: str, group_size: int) -> None:
+    """lm_head's weight -> pseudo_quantize_lm_head(w, mode), in a new tensor: with tied embeddings
+    the input embedding keeps the full-precision weight (as the plugin serves it)."""
+    from vllm_sqplus.lm_head import pseudo_quantize_lm_head
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(pseudo_quantize_lm_head(head.weight.detach().clone(), mode, group_size,
+                                                             True), requires_grad=False)
+
+
+def load_variant(kind: str, path, group_size: int, lm_head: str = "none"):
     """(model in float32, info) for kind fp | rtn | smoothed | prequantized."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -128,6 +141,9 @@ def load_variant(kind: str, path, group_size: int):
                                                    "group_size", "clip", "method") if k in qc}
     elif kind == "prequantized":
         info["max_levels_per_group"] = check_prequantized(model, group_size, path)
+    if lm_head != "none":
+        fake_quantize_lm_head(model, lm_head, group_size)
+        info["lm_head"] = lm_head
     return model, info
 
 
@@ -259,7 +275,7 @@ def run(model_path, name: str, variants: list[tuple[str, str, str]], group_size:
     cache = {t: cache_root / name / f"{t}_{_key(v)}" for t, v in ids.items()}
     fp_cached = all((cache[t] / f"w{ids[t].shape[0] - 1}.pt").is_file() for t in ids)
     order = [("FP", "fp", str(model_path))] + [v for v in variants if v[1] != "fp"]
-    for vname, kind, path in order:
+    for vname, kind, path, *lm_head in order:
         old = record["variants"].get(vname)
         if kind == "fp" and fp_cached and old and old.get("path") == str(Path(path).resolve()):
             print(f"{vname}: FP cache present, kept", flush=True)
@@ -268,7 +284,7 @@ def run(model_path, name: str, variants: list[tuple[str, str, str]], group_size:
             print(f"{vname}: already in {out}, skipped", flush=True)
             continue
         t0 = time.perf_counter()
-        model, info = load_variant(kind, path, group_size)
+        model, info = load_variant(kind, path, group_size, *lm_head)
         t_load = time.perf_counter() - t0
         row = {"kind": kind, "path": str(Path(path).resolve()), **info}
         for t, v in ids.items():
@@ -295,6 +311,8 @@ def main() -> None:
     ap.add_argument("--smoothed", action="append", default=[], help="NAME=DIR, fake-quantized at eval")
     ap.add_argument("--prequantized", action="append", default=[], help="NAME=DIR, evaluated as stored")
     ap.add_argument("--no-rtn", action="store_true", help="skip the RTN variant")
+    ap.add_argument("--lm-head", action="append", default=[], choices=["int8", "int4"],
+                    help="add the variant 'RTN+lm_head MODE' (repeatable)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -309,6 +327,7 @@ def main() -> None:
     variants = [] if a.no_rtn else [("RTN", "rtn", a.model)]
     variants += [(n, "smoothed", p) for n, p in parse_named(a.smoothed, "--smoothed")]
     variants += [(n, "prequantized", p) for n, p in parse_named(a.prequantized, "--prequantized")]
+    variants += [(f"RTN+lm_head {m}", "rtn", a.model, m) for m in a.lm_head]
     out = Path(a.out) if a.out else _REPO / "benchmarks" / "results" / f"accuracy_{a.name}.json"
     command = " ".join(["python", *[os.path.relpath(sys.argv[0], _REPO) if i == 0 else x
                                     for i, x in enumerate(sys.argv)]])

@@ -19,6 +19,12 @@ Keys (anything else is kept, not checked: alpha, search results, ...):
                          to_dict writes it only when not auto (a serving choice, not the weights')
   format                 absent/"smoothed": full-precision weights, quantized while loading;
                          "packed": pre-quantized by `sqplus quantize` (see export.py for names)
+  lm_head                none | int8 | int4                                default none
+                         the output projection's logits matmul (vllm_sqplus/lm_head.py: int8 per
+                         row symmetric; int4 = this group_size and zero_point); the embedding
+                         lookup always stays full precision. Independent of modules_to_not_convert
+                         (the decoder linears). Env SQPLUS_LM_HEAD overrides the file; to_dict
+                         writes it only when not none (old checkpoints round-trip unchanged)
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ GROUP_SIZES = (32, 64, 128, -1)
 KERNEL_BACKENDS = ("auto", "sqplus", "vllm", "reference")
 FORMATS = ("smoothed", "packed")
 ENV_BACKEND = "SQPLUS_KERNEL_BACKEND"
+ENV_LM_HEAD = "SQPLUS_LM_HEAD"
+LM_HEAD_MODES = ("none", "int8", "int4")  # vllm_sqplus/lm_head.py implements them
 DEFAULT_NOT_CONVERT = ("lm_head", "embed_tokens")
 
 
@@ -47,6 +55,7 @@ class SqplusConfig:
     format: str = "smoothed"
     # False when the checkpoint carried no quantization_config (plain RTN, no smoothing found)
     smoothed: bool = True
+    lm_head: str = "none"
 
     @property
     def prequantized(self) -> bool:
@@ -70,6 +79,10 @@ class SqplusConfig:
             out["kernel_backend"] = self.kernel_backend
         else:
             out.pop("kernel_backend", None)
+        if self.lm_head != "none":
+            out["lm_head"] = self.lm_head
+        else:
+            out.pop("lm_head", None)
         return out
 
 
@@ -132,5 +145,10 @@ def parse_config(raw: dict | None, env: dict | None = None) -> SqplusConfig:
     fmt = raw.get("format", "smoothed")
     if fmt not in FORMATS:
         raise SqplusError(f"smoothquant_plus config: format must be one of {list(FORMATS)}, got {fmt!r}")
+    lm_head = env.get(ENV_LM_HEAD) or raw.get("lm_head", "none")
+    if lm_head not in LM_HEAD_MODES:
+        src = f"env {ENV_LM_HEAD}" if env.get(ENV_LM_HEAD) else "lm_head"
+        raise SqplusError(f"smoothquant_plus config: {src} must be one of {list(LM_HEAD_MODES)}, "
+                          f"got {lm_head!r}")
     return SqplusConfig(bits=4, group_size=g, zero_point=zp, modules_to_not_convert=list(skip),
-                        kernel_backend=backend, format=fmt, smoothed=smoothed)
+                        kernel_backend=backend, format=fmt, smoothed=smoothed, lm_head=lm_head)

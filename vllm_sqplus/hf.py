@@ -6,7 +6,9 @@ After `import vllm_sqplus` (hf_hook.py registers this module's classes with tran
 
   format "smoothed" (`sqplus smooth`: full-precision weights)
       transformers builds the model on the meta device; every decoder nn.Linear that is not in
-      modules_to_not_convert (lm_head, embeddings, tied and fp32-kept modules) is a target. Its
+      modules_to_not_convert (lm_head, embeddings, tied and fp32-kept modules) is a target.
+      quantization_config lm_head int8 / int4 (or env SQPLUS_LM_HEAD): after loading, the output
+      nn.Linear becomes a vllm_sqplus.lm_head.QuantizedLmHead (the embedding keeps its weight). Its
       weight goes through SqplusQuantize (a transformers ConversionOps) the moment it is read
       from the checkpoint: quantize_int4, pack for the device it landed on, swap the nn.Linear
       for a W4A16Linear, drop the full-precision tensor. transformers reads tensors lazily and
@@ -233,9 +235,24 @@ class SmoothQuantPlusHfQuantizer(HfQuantizer):
                 raise SqplusError(f"smoothquant_plus: the checkpoint has no weight for {name}")
             elif m.bias is not None and m.bias.is_meta:
                 raise SqplusError(f"smoothquant_plus: the checkpoint has no bias for {name}")
+        if self.cfg.lm_head != "none":
+            self._quantize_lm_head(model)
         _unmap_checkpoint(model)
         _trim_heap()
         return model
+
+    @torch.no_grad()
+    def _quantize_lm_head(self, model) -> None:
+        """quantization_config lm_head int8 / int4: the output nn.Linear becomes a QuantizedLmHead;
+        a tied input embedding keeps the full-precision weight (only the logits are quantized)."""
+        from vllm_sqplus.lm_head import QuantizedLmHead
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise SqplusError(f"smoothquant_plus: lm_head {self.cfg.lm_head}: the output layer is "
+                              f"{type(head).__name__}, not an nn.Linear")
+        name = next(n for n, m in model.named_modules() if m is head)
+        _swap(model, name, QuantizedLmHead.from_linear(head, self.cfg.lm_head, self.cfg.group_size,
+                                                       self.cfg.zero_point, self.backend, name))
 
     def is_serializable(self, **kwargs) -> bool:
         return False  # the buffers are the kernel's layout; `sqplus quantize` writes checkpoints

@@ -6,8 +6,16 @@ What vLLM sees
       SmoothQuantPlusConfig()                           `--quantization smoothquant_plus` on a plain
                                                         checkpoint: RTN INT4, one warning
       get_quant_method(layer, prefix)                   SqplusLinearMethod for every LinearBase not
-                                                        in modules_to_not_convert; embeddings and
-                                                        lm_head get nothing from us (full precision)
+                                                        in modules_to_not_convert; embeddings get
+                                                        nothing from us (full precision); lm_head
+                                                        (ParallelLMHead) gets SqplusLmHeadMethod
+                                                        when the config's lm_head is int8 / int4
+  SqplusLmHeadMethod
+      the logits matmul (LogitsProcessor calls lm_head.quant_method.apply) on an int8 (per row) or
+      int4 (our W4A16 backends) copy, quantized in process_weights_after_loading from the loaded
+      full-precision weight, which lm_head then drops. Tied embeddings: tie_weights shares
+      embed_tokens' weight as vLLM's default does, so the checkpoint loads into it once; dropping
+      lm_head's reference leaves the embedding's lookup on the full-precision weight.
   SqplusLinearMethod
       quantize while loading (format "smoothed", or no config): vLLM's online-processing pattern
       (the one its online FP8 methods use, model_loader/reload/layerwise.py). create_weights puts
@@ -54,12 +62,14 @@ from vllm_sqplus.export import unpack_nibbles
 from vllm_sqplus.formats import FOREIGN_METHODS, ForeignFormat, parse_foreign_config
 from vllm_sqplus.kernels.backends import choose_backend
 from vllm_sqplus.kernels.vllm_mp import VllmMPBackend
+from vllm_sqplus.lm_head import INT8, quantize_int8
 from vllm_sqplus.quant import quantize_int4
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
                                            GroupQuantScaleParameter, ModelWeightParameter,
                                            PackedColumnParameter, PackedvLLMParameter,
@@ -156,8 +166,10 @@ class SmoothQuantPlusConfig(QuantizationConfig):
         return super().get_checkpoint_weight_mapper()
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):
+            return None if self.cfg.lm_head == "none" else SqplusLmHeadMethod(self.cfg, prefix)
         if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head (ParallelLMHead), attention: full precision
+            return None  # embeddings, attention: full precision
         if self.foreign is not None:
             if self.foreign.skips(prefix, getattr(self, "packed_modules_mapping", None)):
                 return UnquantizedLinearMethod()
@@ -318,6 +330,77 @@ class SqplusLinearMethod(LinearMethodBase):
         if getattr(layer, "sqplus_perm", None) is not None:  # GPTQ act-order: K in group order
             x = x.index_select(-1, layer.sqplus_perm)
         return self.backend.apply(x, packed, layer.sqplus_group, bias)
+
+
+class SqplusLmHeadMethod(QuantizeMethodBase):
+    """lm_head = "int8" | "int4": logits from a quantized copy of the output projection.
+
+    The weight is created and loaded in full precision like vLLM's UnquantizedEmbeddingMethod
+    (rows = this rank's padded vocabulary shard; each row, and each K-group, quantizes on its own,
+    so a tensor-parallel shard quantizes as the full matrix would), quantized once after loading."""
+
+    def __init__(self, cfg: SqplusConfig, prefix: str = "lm_head"):
+        self.cfg, self.prefix, self.mode = cfg, prefix, cfg.lm_head
+        self.backend = None
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra):
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        if self.mode == "int4":
+            ok, why = group_size_supported(k, self.cfg.group_size, "hidden size")
+            if not ok:
+                raise SqplusError(f"smoothquant_plus: lm_head int4: {why} (or use lm_head int8)")
+            self.backend = self._choose_int4_backend(n, k, input_size, output_size, params_dtype)
+        weight = torch.nn.Parameter(torch.empty(n, k, dtype=params_dtype), requires_grad=False)
+        from vllm.model_executor.utils import set_weight_attrs
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, **extra})
+        layer.register_parameter("weight", weight)
+        _warn_once(f"lm_head {self.mode}", "smoothquant_plus: lm_head %s (%s); the embedding stays "
+                   "full precision", self.mode, self.backend or INT8, level=logging.INFO)
+
+    def _choose_int4_backend(self, n, k, input_size, output_size, params_dtype):
+        device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+        if device.type == "meta":
+            device = torch.device("cpu")
+        vllm = VllmMPBackend(zero_point=self.cfg.zero_point, input_size=input_size, output_size=output_size)
+        choice = choose_backend(self.cfg.kernel_backend, n=n, k=k, group=self.cfg.group_size,
+                                act_dtype=params_dtype, device=device, vllm=vllm, what=self.prefix)
+        if choice.fallbacks:
+            _warn_once(f"fallback lm_head {choice.backend.name}", "smoothquant_plus: %s: kernel_backend "
+                       "auto uses %s (%s)", self.prefix, choice.backend.name, choice.reason())
+        return choice.backend
+
+    def tie_weights(self, layer, embed_tokens):
+        layer.weight = embed_tokens.weight  # vLLM's default: the checkpoint loads it once
+        return layer
+
+    def process_weights_after_loading(self, layer) -> None:
+        if getattr(layer, "_already_called_process_weights_after_loading", False):
+            return
+        w = layer.weight.data
+        if self.mode == "int8":
+            q, scales = quantize_int8(w, name=self.prefix)
+            packed, layer.sqplus_group = INT8.pack(q, scales), None
+        else:
+            q, scales, zeros = quantize_int4(w, self.cfg.group_size, self.cfg.zero_point, name=self.prefix)
+            layer.sqplus_group = w.shape[1] if self.cfg.group_size == -1 else self.cfg.group_size
+            packed = self.backend.pack(q, scales, zeros, layer.sqplus_group)
+        layer.sqplus_keys = tuple(packed)
+        for name, t in packed.items():
+            layer.register_parameter(f"sq_{name}", torch.nn.Parameter(t, requires_grad=False))
+        # lm_head's reference only: a tied embedding keeps its full-precision weight for the lookup
+        delattr(layer, "weight")
+        del w
+        layer._already_called_process_weights_after_loading = True
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        packed = {name: getattr(layer, f"sq_{name}") for name in layer.sqplus_keys}
+        if self.mode == "int8":
+            return INT8.apply(x, packed, bias)
+        return self.backend.apply(x, packed, layer.sqplus_group, bias)
+
+    def embedding(self, layer, input_):  # pragma: no cover - vLLM never looks tokens up in lm_head
+        raise SqplusError("smoothquant_plus: lm_head holds quantized logits weights, not an embedding")
 
 
 _FREED_SINCE_TRIM = [0]
