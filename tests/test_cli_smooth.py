@@ -198,3 +198,29 @@ def test_already_smoothed_and_bad_alpha(tmp_path, capsys, calib_file):
     capsys.readouterr()
     _fails(capsys, ["smooth", str(out), "--out", str(tmp_path / "o2")], "already smoothed")
     _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o3"), "--alpha", "1.5"], "--alpha must lie in [0, 1]")
+
+
+def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_path, calib_file):
+    """The default's last stage: GPTQ on the chosen smoothed + clipped weights, a row of its own,
+    kept only by the same held-out rule; when kept, every stored linear is a fixed point of the
+    plugin's RTN at load (dequantize(quantize(w)) == w bit for bit), so the plugin reproduces it."""
+    from safetensors.torch import load_file
+    from vllm_sqplus.quant import dequantize_int4, quantize_int4
+    src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST]) == 0
+    table = json.loads((out / "sqplus_search.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    g = [r for r in rows.values() if r.get("gptq")]
+    assert len(g) == 1 and g[0]["rtn_at_load_mismatches"] == 0 and "gptq" in table["seconds"]
+    best = min((r for r in rows.values() if r["nll"] <= rows["rtn"]["nll"]), key=lambda r: r["kl"])
+    assert table["chosen"] == best["name"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["gptq"] == table["chosen"].endswith("+gptq")
+    sd = load_file(out / "model.safetensors")
+    linears = [k for k in sd if k.endswith("proj.weight")]
+    fixed = [torch.equal(dequantize_int4(*quantize_int4(sd[k], 64), 64, dtype=sd[k].dtype), sd[k]) for k in linears]
+    if qc["gptq"]:
+        assert all(fixed)
+    else:  # smoothing + clipping only: stored weights are not on the INT4 grid
+        assert not all(fixed)

@@ -155,14 +155,50 @@ def _log(msg: str) -> None:
 
 
 @torch.no_grad()
+def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_point: bool,
+               store_dtype: torch.dtype, reproducible: bool = False) -> dict:
+    """GPTQ of every linear of one decoder layer (on the device) in place: its input Hessians from
+    the stream hs, each weight replaced by its dequantized INT4 (float). Returns {linear: (q, s, z)}."""
+    from vllm_sqplus.arch import get_module
+    from vllm_sqplus.quant import dequantize_int4
+    hess: dict[str, torch.Tensor] = {}
+    last: dict = {}
+    hooks = []
+    for name in arch.linears:
+        def hook(_m, args, name=name):
+            x0 = args[0].detach()
+            if last.get("x") is x0:  # q/k/v and gate/up share their input: one Hessian
+                hess[name] = hess[last["name"]]
+                return
+            last.update(x=x0, name=name)
+            x = x0.reshape(-1, x0.shape[-1]).float()
+            hess[name] = hess[name] + x.T @ x if name in hess else x.T @ x
+        hooks.append(get_module(layer, name).register_forward_pre_hook(hook))
+    try:
+        runner.run_layer(layer, hs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = {}
+    for name in arch.linears:
+        lin = get_module(layer, name)
+        q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype,
+                                reproducible=reproducible)
+        lin.weight.copy_(dequantize_int4(q, s, z, group_size, dtype=torch.float32).to(lin.weight.device))
+        out[name] = (q, s, z)
+    return out
+
+
+@torch.no_grad()
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
                reproducible: bool = False):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
-    returns {module name: (q, scales, zeros)}."""
+    returns {module name: (q, scales, zeros)}.
+
+    Layer by layer: the Hessians are collected on the quantized model's own stream, as GPTQ does."""
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.calibrate import LayerwiseModel
-    from vllm_sqplus.quant import dequantize_int4
     runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
     hs = runner.embed(calib_ids)
     out = {}
@@ -172,35 +208,14 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
         it = tqdm(it, desc="gptq", unit="layer")
     for i in it:
         layer = runner.layer_on_device(i)
-        hess: dict[str, torch.Tensor] = {}
-        last: dict = {}
-        hooks = []
-        for name in arch.linears:
-            def hook(_m, args, name=name):
-                x0 = args[0].detach()
-                if last.get("x") is x0:
-                    hess[name] = hess[last["name"]]
-                    return
-                last.update(x=x0, name=name)
-                x = x0.reshape(-1, x0.shape[-1]).float()
-                hess[name] = hess[name] + x.T @ x if name in hess else x.T @ x
-            hooks.append(get_module(layer, name).register_forward_pre_hook(hook))
-        try:
-            runner.run_layer(layer, hs)
-        finally:
-            for hk in hooks:
-                hk.remove()
+        qs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible)
         stored = runner.layers[i]
-        for name in arch.linears:
-            lin = get_module(layer, name)
-            q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype,
-                                    reproducible=reproducible)
-            deq = dequantize_int4(q, s, z, group_size, dtype=torch.float32)
-            lin.weight.copy_(deq.to(lin.weight.device))
-            get_module(stored, name).weight.data = deq.to(get_module(stored, name).weight.device)
-            out[f"{arch.layers}.{i}.{name}"] = (q, s, z)
+        for name, t in qs.items():
+            get_module(stored, name).weight.data = get_module(layer, name).weight.detach().to(
+                get_module(stored, name).weight.device).clone()
+            out[f"{arch.layers}.{i}.{name}"] = t
         hs = runner.run_layer(layer, hs)
-        del layer, hess
+        del layer
     return out
 
 

@@ -93,6 +93,7 @@ class SearchOptions:
     layer_steps: tuple[float, ...] = (-0.2, 0.2)   # per-pair alphas tried: none, start, start + step, 0.5
     fit_samples: int = 4                # statistics samples reused to fit the per-layer refinement
     fisher: bool = True                 # weight the per-layer error by the loss gradient (else plain MSE)
+    gptq: bool = False                  # a last GPTQ stage in the RTN-reproducible form, kept if it wins
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False
@@ -111,6 +112,7 @@ class SearchResult:
     seconds: dict = field(default_factory=dict)   # per phase
     n_stat_tokens: int = 0
     n_heldout_tokens: int = 0
+    gptq: list | None = None   # the chosen GPTQ stage, per layer {linear: (packed q, scales, zeros)}
 
     def row(self, name: str) -> dict:
         return next(r for r in self.table if r["name"] == name)
@@ -146,7 +148,8 @@ def _folds_independent(pairs: list[SmoothPair]) -> bool:
 def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats: dict, plan: LayerPlan,
                   q: QuantSpec, grams: dict[str, torch.Tensor] | None = None, clip: bool = False,
                   ratios=DEFAULT_RATIOS, layer_name: str = "layer",
-                  reuse: dict | None = None, clip_cache: dict | None = None) -> dict[str, torch.Tensor] | None:
+                  reuse: dict | None = None, clip_cache: dict | None = None,
+                  quantize: bool = True) -> dict[str, torch.Tensor] | None:
     """work <- src smoothed by plan, rounded to the storage dtype, clipped, linears fake-quantized.
 
     Clipping: plan.clip's ratios when it has them; else, with clip=True, searched here (needs the
@@ -160,6 +163,8 @@ def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats
     clip_cache: searched clipping ratios by (layer_name, linear, its alphas), shared by the passes
     of one search: a linear smoothed the same way as in an earlier pass (same weights, same Gram)
     gets the same ratios without searching again.
+
+    quantize False: stop before the fake quantization (the stored weights, for the GPTQ stage).
     """
     pairs = arch.active_pairs(config)
     touching = _touching(pairs)
@@ -212,13 +217,13 @@ def prepare_layer(work: nn.Module, src: nn.Module, arch: ArchSpec, config, stats
             found[name] = r
             w.copy_(apply_clip(w, r.to(w.device), q.group_size, q.store_dtype))
     for name in arch.linears:  # quantized exactly as the plugin will: from the stored dtype's values
-        if name not in fresh:
+        if name not in fresh or not quantize:
             continue
         w = get_module(work, name).weight
         w.copy_(pseudo_quantize_int4(w.to(q.store_dtype), q.group_size, q.zero_point, f"{layer_name}.{name}"))
     if reuse is not None:
         reuse.clear()
-        if not clipping:
+        if not clipping and quantize:
             reuse.update({n: key(n) for n in names})
     return found
 
@@ -484,6 +489,36 @@ def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout
     return streams
 
 
+@torch.no_grad()
+def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, plans: list[LayerPlan],
+               stat_ids: torch.Tensor, heldout: torch.Tensor, opts: SearchOptions) -> tuple[list, torch.Tensor, int]:
+    """GPTQ (vllm_sqplus.gptq, RTN-reproducible form) on the smoothed + clipped layers of `plans`, on
+    the statistics samples' quantized stream. Returns (per layer {linear: (packed codes, scales,
+    zeros)}, the held-out stream of the result, values that RTN at load would not give back)."""
+    from vllm_sqplus.export import pack_nibbles
+    from vllm_sqplus.gptq import gptq_layer
+    from vllm_sqplus.quant import quantize_int4
+    config = runner.model.config
+    hs = runner.embed(stat_ids)
+    hs_held = runner.embed(heldout)
+    out, mismatches = [], 0
+    for i in _layers(runner, opts.progress, "gptq"):
+        layer = runner.layer_on_device(i)
+        work = copy.deepcopy(layer)
+        prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
+                      layer_name=f"layers.{i}", quantize=False)
+        qs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True)
+        for name, (qq, sc, zz) in qs.items():  # what the checkpoint will hold, quantized by the plugin
+            w = get_module(work, name).weight.to(q.store_dtype)
+            q2, s2, z2 = quantize_int4(w, q.group_size, q.zero_point)
+            mismatches += int((q2 != qq).sum() + (s2 != sc).sum() + (z2 != zz).sum())
+        out.append({name: (pack_nibbles(qq), sc, zz) for name, (qq, sc, zz) in qs.items()})
+        hs = runner.run_layer(work, hs)
+        hs_held = runner.run_layer(work, hs_held)
+        del layer, work
+    return out, hs_held, mismatches
+
+
 def _coarse_grid() -> list[float]:
     return [0.2, 0.4, 0.6, 0.8]
 
@@ -573,10 +608,25 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
 
     rows = {r["name"]: r for r in table}
     best = choose(finals, rows)
+    gptq = None
+    if opts.gptq and q.zero_point:
+        t = time.perf_counter()
+        gptq, hs, mism = _pass_gptq(runner, arch=arch, q=q, act_stats=act_stats, plans=finals[best],
+                                    stat_ids=stat_ids, heldout=heldout, opts=opts)
+        name = best + "+gptq"
+        table.append(_row(name, *scorer(hs), kind=rows[best]["kind"], clip=rows[best].get("clip"), gptq=True,
+                          rtn_at_load_mismatches=mism))
+        finals[name] = finals[best]
+        rows = {r["name"]: r for r in table}
+        best = choose(finals, rows)
+        if not best.endswith("+gptq"):
+            gptq = None
+        secs["gptq"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", 0.0, scorer.fp_nll),
-                        seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel())
+                        seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel(),
+                        gptq=gptq)
 
 
 def choose(names, rows: dict[str, dict]) -> str:

@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
                    help="per-layer refinement: layer-output error weighted by the loss gradient (fisher) or plain")
     p.add_argument("--fit-samples", type=int, default=4,
                    help="statistics samples the per-layer refinement fits on (default 4)")
+    p.add_argument("--no-gptq", action="store_true",
+                   help="skip the last stage: GPTQ on the smoothed weights, stored so that RTN at load "
+                        "reproduces it exactly (kept only where it beats the rest on the held-out loss; "
+                        "off with --no-clip, --alpha X and --no-zero-point)")
     p.add_argument("--no-clip", action="store_true", help="no clipping search (plain min-max ranges)")
     p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
@@ -109,7 +113,8 @@ def search_options(args, alpha):
     return SearchOptions(granularity="model" if fixed else args.alpha_granularity, clip=not args.no_clip,
                          stat=args.act_stat, pairs=args.pairs, alphas=grid,
                          refine=not args.no_refine and not fixed, fit_samples=args.fit_samples,
-                         fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True)
+                         fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
+                         gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point))
 
 
 def run(args) -> int:
@@ -144,6 +149,8 @@ def run(args) -> int:
          f"(held-out KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
     plans = res.finals[chosen]
     apply_plans(model, arch, res.act_stats, plans, q)
+    if chosen.endswith("+gptq"):
+        apply_gptq(model, arch, res.gptq, q)
     write(args, out, model, res, chosen, plans, stat_ids, heldout)
     _log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     return 0
@@ -152,6 +159,25 @@ def run(args) -> int:
 def _peak_rss_gib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def apply_gptq(model, arch, per_layer: list, q) -> None:
+    """The GPTQ stage's weights into the smoothed model (each linear: its dequantized INT4 in the
+    model's dtype), checked: plain RTN of what is stored gives back GPTQ's codes, scales and zeros."""
+    from vllm_sqplus.arch import get_module
+    from vllm_sqplus.export import unpack_nibbles
+    from vllm_sqplus.quant import dequantize_int4, quantize_int4
+    layers = get_module(model, arch.layers)
+    for i, (layer, qs) in enumerate(zip(layers, per_layer)):
+        for name, (packed, s, z) in qs.items():
+            w = get_module(layer, name).weight
+            codes = unpack_nibbles(packed)
+            with torch.no_grad():
+                w.copy_(dequantize_int4(codes, s, z, q.group_size, dtype=w.dtype))
+            q2, s2, z2 = quantize_int4(w.detach(), q.group_size, q.zero_point, f"layers.{i}.{name}")
+            if not (torch.equal(q2, codes) and torch.equal(s2, s) and torch.equal(z2, z)):
+                raise SqplusError(f"layers.{i}.{name}: the stored GPTQ weights do not quantize back "
+                                  "to GPTQ's result (use --no-gptq and report this)")
 
 
 def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) -> None:
@@ -168,6 +194,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         "alpha": None if per_layer_kind else best.get("alpha"),
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
+        "gptq": chosen.endswith("+gptq"),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
