@@ -389,8 +389,10 @@ class SqplusLmHeadMethod(QuantizeMethodBase):
         for name, t in packed.items():
             layer.register_parameter(f"sq_{name}", torch.nn.Parameter(t, requires_grad=False))
         # lm_head's reference only: a tied embedding keeps its full-precision weight for the lookup
+        freed = w.numel() * w.element_size() if w.device.type == "cpu" else 0  # untied: really freed
         delattr(layer, "weight")
         del w
+        _release_freed_cpu_memory(freed)
         layer._already_called_process_weights_after_loading = True
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
