@@ -168,6 +168,12 @@ def producer_record(kind: str, path) -> dict | None:
         secs = r.get("seconds")
         rec["seconds"] = secs.get("total") if isinstance(secs, dict) else secs
         rec["seconds_by_phase"] = secs if isinstance(secs, dict) else None
+        # a separate `sqplus gptq --format smoothed` stage on the searched checkpoint: its time counts
+        cfg = path / "config.json"
+        g = (json.loads(cfg.read_text()).get("quantization_config") or {}).get("gptq") if cfg.is_file() else None
+        if isinstance(g, dict) and g.get("seconds") is not None and rec["seconds"] is not None:
+            rec["seconds"] += g["seconds"]
+            rec["seconds_by_phase"] = dict(rec["seconds_by_phase"] or {}, sqplus_gptq=g["seconds"])
         if "date" not in rec:  # the search table has none: the file's time stands for it
             rec["date"] = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(
                 timespec="seconds") + " (file mtime)"

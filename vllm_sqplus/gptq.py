@@ -289,8 +289,9 @@ def _run(args) -> int:
         gptq_info["rtn_at_load_mismatches"] = mismatched
         extra = dict(qc_in or {})
         extra["gptq"] = dict(gptq_info, form="smoothed: dequantized GPTQ weights, exact under RTN at load")
-        save_model(model, args.model, tmp, SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
-                                                        format="smoothed").to_dict(extra=extra))
+        qcfg = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point, lm_head=cfg.lm_head,
+                            format="smoothed")
+        save_model(model, args.model, tmp, qcfg.to_dict(extra=extra))
 
     if args.format == "smoothed":
         from vllm_sqplus.arch import get_module
@@ -320,7 +321,7 @@ def _run(args) -> int:
         extra = dict(qc_in or {})
         extra["gptq"] = gptq_info
         new["quantization_config"] = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
-                                                  format="packed").to_dict(extra=extra)
+                                                  lm_head=cfg.lm_head, format="packed").to_dict(extra=extra)
         (tmp / "config.json").write_text(json.dumps(new, indent=2) + "\n")
 
     write_checkpoint_atomic(out, args.overwrite, write_packed)
