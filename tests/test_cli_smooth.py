@@ -224,3 +224,17 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
         assert all(fixed)
     else:  # smoothing + clipping only: stored weights are not on the INT4 grid
         assert not all(fixed)
+
+
+def test_lm_head_option_is_written_and_read_back(tmp_path, calib_file):
+    from vllm_sqplus.config import parse_config
+    src = save_tiny(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha", "0.5",
+                 "--no-clip", "--lm-head", "int4", *FAST]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"] == "int4" and parse_config(qc, env={}).lm_head == "int4"
+    out2 = tmp_path / "out2"
+    assert main(["smooth", str(src), "--out", str(out2), "--calib", str(calib_file), "--alpha", "0.5",
+                 "--no-clip", *FAST]) == 0
+    assert "lm_head" not in json.loads((out2 / "config.json").read_text())["quantization_config"]

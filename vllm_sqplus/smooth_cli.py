@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
                    help="activation statistic in s = stat|X|^a / max|W|^(1-a): max (SmoothQuant+) or mean (AWQ)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--no-zero-point", action="store_true", help="symmetric INT4 (zero point 8)")
+    p.add_argument("--lm-head", choices=["none", "int8", "int4"], default="none",
+                   help="written into quantization_config: how the plugin computes the logits (int8 per "
+                        "row, int4 with --group-size; the embedding stays full precision). Serving can "
+                        "override it with the env var SQPLUS_LM_HEAD")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one layer there at a time)")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="dtype of the written checkpoint (auto: the input's)")
@@ -94,6 +98,7 @@ def validate(args):
         raise SqplusError("--samples, --heldout and --fit-samples must be >= 1 and --seq-len >= 8")
     if args.alpha_step is not None and not 0 < args.alpha_step <= 0.5:
         raise SqplusError(f"--alpha-step must lie in (0, 0.5], got {args.alpha_step}")
+    # (also covers --lm-head int4: the lm_head's in_features are hidden_size, like q_proj's)
     check_group_size_for_config(read_config(args.model_dir), args.group_size)  # folder, config.json
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SqplusError(f"--device {args.device}: no CUDA device is available")
@@ -206,7 +211,8 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
                    "table": "sqplus_search.json"},
         "sqplus_version": __version__,
     }
-    qcfg = SqplusConfig(group_size=args.group_size, zero_point=not args.no_zero_point).to_dict(extra=extra)
+    qcfg = SqplusConfig(group_size=args.group_size, zero_point=not args.no_zero_point,
+                        lm_head=args.lm_head).to_dict(extra=extra)
     table = {"model": str(args.model_dir), "group_size": args.group_size, "zero_point": not args.no_zero_point,
              "pairs": args.pairs, "act_stat": args.act_stat, "chosen": chosen,
              "chosen_alpha": extra["alpha"], "paper_alpha": res.paper.alpha,
