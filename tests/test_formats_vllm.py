@@ -14,10 +14,7 @@ Tolerance: the first 16 of 48 tokens equal and >= 95% of them (accumulation orde
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,41 +30,10 @@ def _methods(model) -> list[str]:
                    if getattr(m, "quant_method", None) is not None})
 
 
-def _worker(spec_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
-    spec = json.loads(Path(spec_path).read_text())
-    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
-    results = {}
-    for job in spec["jobs"]:
-        t0 = time.time()
-        try:
-            tp = job.get("tp", 1)
-            kw = dict(enforce_eager=True, max_model_len=256, dtype="float32", max_num_seqs=4,
-                      kv_cache_memory_bytes=32 << 20, tensor_parallel_size=tp,
-                      distributed_executor_backend="uni" if tp == 1 else "mp")
-            if job.get("quantization"):
-                kw["quantization"] = job["quantization"]
-            llm = LLM(model=job["model"], **kw)
-            outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params)
-            try:
-                kinds = sorted(set().union(*llm.apply_model(_methods)))
-            except Exception:  # noqa: BLE001 - TP workers may not unpickle it; tokens still count
-                kinds = None
-            results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                    "methods": kinds, "seconds": time.time() - t0}
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - shutdown API moves between releases
-                pass
-            del llm
-        except Exception as e:  # noqa: BLE001 - reported to the test, which decides
-            results[job["name"]] = {"error": f"{type(e).__name__}: {e}"[:3000]}
-        Path(out_path).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    _worker(sys.argv[1], sys.argv[2])
+    from vllm_jobs import worker
+    worker(sys.argv[1], sys.argv[2], n_new=N_NEW, max_num_seqs=4, probes={"methods": _methods})
     sys.exit(0)
 
 
@@ -180,25 +146,21 @@ def served(tmp_path_factory):
     ckpts["ct"] = (qwen, _ct_reference(qwen, 128, True))
     tok = AutoTokenizer.from_pretrained(llama)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    jobs = [{"name": name, "model": str(root / name), "quantization": "smoothquant_plus"} for name in ckpts]
-    jobs.append({"name": "awq_no_flag", "model": str(root / "awq")})  # vLLM's own AWQ path: not ours
+    jobs = [{"name": name, "model": str(root / name), "quantization": "smoothquant_plus", "probes": ["methods"]}
+            for name in ckpts]
+    jobs.append({"name": "awq_no_flag", "model": str(root / "awq"), "probes": ["methods"]})  # vLLM's own AWQ
     # tensor parallelism: column shards split N in packed words, row shards split K (and groups)
-    tp_jobs = [{"name": "awq_tp2", "model": str(root / "awq"), "quantization": "smoothquant_plus", "tp": 2}]
+    tp_jobs = [{"name": "awq_tp2", "model": str(root / "awq"), "quantization": "smoothquant_plus", "tp": 2,
+                "probes": ["methods"]}]
     ckpts["awq_tp2"] = ckpts["awq"]
-    results, log = {}, ""
-    for i, (part, extra) in enumerate(((jobs, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-                                       # one NUMA node here: TP ranks need the thread binding off
-                                       (tp_jobs, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}))):
-        spec, out = root / f"spec{i}.json", root / f"out{i}.json"
-        spec.write_text(json.dumps({"jobs": part, "prompts": prompts}))
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1",
-                   VLLM_ALLOW_INSECURE_SERIALIZATION="1", **extra)
-        proc = subprocess.run([sys.executable, str(HERE), str(spec), str(out)], env=env,
-                              capture_output=True, text=True, timeout=900)
-        log += proc.stdout + proc.stderr
-        if not out.exists():
-            pytest.fail(f"vLLM worker produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results.update(json.loads(out.read_text()))
+    from vllm_jobs import run
+    runs = run(HERE, root, [(jobs, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+                            # one NUMA node here: TP ranks need the thread binding off
+                            (tp_jobs, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})], prompts, timeout=900)
+    results, log = runs["results"], runs["log"]
+    for r in results.values():  # the union over workers; TP=2 workers may not unpickle the probe
+        m = r.get("methods")
+        r["methods"] = sorted(set().union(*m)) if isinstance(m, list) else None
     return {"results": results, "ckpts": ckpts, "prompts": prompts, "log": log}
 
 

