@@ -18,12 +18,8 @@ the env SQPLUS_LM_HEAD on a plain checkpoint.
 """
 from __future__ import annotations
 
-import gc
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,49 +45,15 @@ def _probe(model) -> dict:
             "method": type(head.quant_method).__name__}
 
 
-def _worker(spec_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
-    spec = json.loads(Path(spec_path).read_text())
-    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
-    results = {}
-    for job in spec["jobs"]:
-        t0 = time.time()
-        old_env = {k: os.environ.get(k) for k in job.get("env", {})}
-        os.environ.update(job.get("env", {}))
-        try:
-            kw = dict(enforce_eager=True, max_model_len=256, dtype="float32", kv_cache_memory_bytes=32 << 20,
-                      max_num_seqs=2, distributed_executor_backend="uni")
-            if job.get("quantization"):
-                kw["quantization"] = job["quantization"]
-            llm = LLM(model=job["model"], **kw)
-            outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params)
-            results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                    "probe": llm.apply_model(_probe)[0], "seconds": time.time() - t0}
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - shutdown API moves between releases
-                pass
-            del llm
-            gc.collect()
-        except Exception as e:  # noqa: BLE001 - reported to the test, which decides
-            results[job["name"]] = {"error": f"{type(e).__name__}: {e}"[:3000]}
-        finally:
-            for k, v in old_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        Path(out_path).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
-    _worker(sys.argv[1], sys.argv[2])
+    from vllm_jobs import worker
+    worker(sys.argv[1], sys.argv[2], n_new=N_NEW, max_num_seqs=2, probes={"probe": _probe})
     sys.exit(0)
 
 
 sys.path.insert(0, str(HERE.parent))
-from tiny import fake_quantize_model, save_tiny  # noqa: E402
+from tiny import fake_quantize_model, greedy_tokens, save_tiny  # noqa: E402
 
 from vllm_sqplus.config import ENV_LM_HEAD, SqplusConfig, parse_config  # noqa: E402
 from vllm_sqplus.errors import SqplusError  # noqa: E402
@@ -260,19 +222,13 @@ def engines(tmp_path_factory):
     llama = save_tiny(root / "llama_untied", "llama", seed=5, hidden=256, intermediate=512, heads=4, kv_heads=2)
     from transformers import AutoTokenizer
     prompts = [AutoTokenizer.from_pretrained(llama)(p)["input_ids"] for p in PROMPTS]
-    jobs = [{"name": "qwen_tied_int8", "model": str(qwen)},
+    jobs = [{"name": "qwen_tied_int8", "model": str(qwen), "probes": ["probe"]},
             {"name": "llama_untied_int4", "model": str(llama), "quantization": "smoothquant_plus",
-             "env": {ENV_LM_HEAD: "int4"}}]
-    spec, out = root / "spec.json", root / "out.json"
-    spec.write_text(json.dumps({"jobs": jobs, "prompts": prompts}))
-    env = {k: v for k, v in os.environ.items() if k != ENV_LM_HEAD}
-    env.update(VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # apply_model's function
-    proc = subprocess.run([sys.executable, str(HERE), str(spec), str(out)], env=env, capture_output=True,
-                          text=True, timeout=400)
-    if not out.exists():
-        pytest.fail(f"vLLM worker produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {"results": json.loads(out.read_text()), "log": proc.stderr, "qwen": qwen, "llama": llama,
+             "env": {ENV_LM_HEAD: "int4"}, "probes": ["probe"]}]
+    from vllm_jobs import run
+    runs = run(HERE, root, [(jobs, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})], prompts, timeout=900,
+               drop_env=(ENV_LM_HEAD,))
+    return {"results": runs["results"], "log": runs["log"], "qwen": qwen, "llama": llama,
             "prompts": prompts}
 
 
@@ -296,27 +252,14 @@ def _reference(model_dir: Path, mode: str, group_size: int):
     return model, fp_head
 
 
-@torch.no_grad()
-def _greedy(model, prompts):
-    outs = []
-    for p in prompts:
-        ids, past, new = torch.tensor([p]), None, []
-        for _ in range(N_NEW):
-            out = model(ids, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-            new.append(nxt)
-            ids = torch.tensor([[nxt]])
-        outs.append(new)
-    return outs
-
-
 @pytest.mark.parametrize("name, key, mode, group, tied", [
     ("qwen_tied_int8", "qwen", "int8", 64, True),
     ("llama_untied_int4", "llama", "int4", 128, False),
 ])
 def test_vllm_engine_logits_tokens_and_embedding(engines, name, key, mode, group, tied):
     r = _result(engines, name)
-    probe = r["probe"]
+    from vllm_jobs import first
+    probe = first(r["probe"])
     assert probe["method"] == "SqplusLmHeadMethod"
     assert "weight" not in probe["head_params"], probe["head_params"]  # no full-precision copy left
     want_dtype = "torch.int8" if mode == "int8" else "torch.int32"
@@ -336,7 +279,7 @@ def test_vllm_engine_logits_tokens_and_embedding(engines, name, key, mode, group
     if tied:
         assert torch.equal(emb, fp_head[LOOKUP_IDS])
     # greedy decoding end to end
-    for g, w in zip(r["tokens"], _greedy(model, engines["prompts"])):
+    for g, w in zip(r["tokens"], greedy_tokens(model, engines["prompts"], N_NEW)):
         assert g[:16] == w[:16], f"{name}: first 16 tokens differ\n got {g[:16]}\nwant {w[:16]}"
         assert sum(a == b for a, b in zip(g, w)) / N_NEW >= 0.95
 

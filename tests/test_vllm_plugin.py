@@ -49,7 +49,7 @@ if __name__ == "__main__":
 # ---- fixtures -----------------------------------------------------------------------------------
 sys.path.insert(0, str(HERE.parent))
 pytest.importorskip("vllm")
-from tiny import fake_quantize_model, save_tiny  # noqa: E402
+from tiny import fake_quantize_model, greedy_tokens, save_tiny  # noqa: E402
 
 from vllm_sqplus.quant import dequantize_int4, quantize_int4  # noqa: E402
 
@@ -111,16 +111,7 @@ def _reference_tokens(model_dir: Path, prompts, group_size: int, zero_point: boo
     from vllm_sqplus.checkpoint import load_full_precision
     model = load_full_precision(model_dir, torch.float32)
     fake_quantize_model(model, group_size, zero_point)
-    outs = []
-    for p in prompts:
-        ids, past, new = torch.tensor([p]), None, []
-        for _ in range(N_NEW):
-            out = model(ids, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-            new.append(nxt)
-            ids = torch.tensor([[nxt]])
-        outs.append(new)
-    return outs
+    return greedy_tokens(model, prompts, N_NEW)
 
 
 def _assert_close_tokens(got, want, what):

@@ -81,3 +81,19 @@ def fake_quantize_model(model, group_size: int = 128, zero_point: bool = True,
             n += 1
     assert n, f"fake_quantize_model: no nn.Linear named like '*{match}*'"
     return n
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """transformers greedy decoding with the KV cache: n_new tokens per prompt (the reference the
+    vLLM tests compare the engine's tokens with)."""
+    outs = []
+    for p in prompts:
+        ids, past, new = torch.tensor([p]), None, []
+        for _ in range(n_new):
+            out = model(ids, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+            new.append(nxt)
+            ids = torch.tensor([[nxt]])
+        outs.append(new)
+    return outs
