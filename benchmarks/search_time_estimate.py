@@ -1,7 +1,8 @@
 """usage: OMP_NUM_THREADS=2 python benchmarks/search_time_estimate.py 2 > LOG   (repo root)
 Estimate the default sqplus smooth time on Qwen2.5-Coder-1.5B from truncated-depth searches.
 Runs the real search (default options incl. GPTQ stage) on the first L decoder layers for L in (1, 2);
-per-layer cost = (T4 - T2) / 2, fixed cost (embedding, lm_head scoring, Fisher head) = T2 - 2 * per-layer."""
+per phase: per-layer cost = T(2) - T(1); estimate = T(1) + (layers - 1) * per-layer (the fixed costs:
+embedding, lm_head scoring, Fisher head, stay in T(1)). Memory is that of the full model loaded."""
 import json, sys, time, resource, torch
 from vllm_sqplus.checkpoint import load_model
 from vllm_sqplus.calib import calibration_ids
