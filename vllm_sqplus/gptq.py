@@ -29,18 +29,14 @@ from types import SimpleNamespace
 import torch
 
 from vllm_sqplus.errors import SqplusError
-from vllm_sqplus.quant import check_group_size
-
-_MIN_RANGE = 1e-5
+from vllm_sqplus.quant import _MIN_RANGE, check_group_size
 
 
 def _group_params(w: torch.Tensor, zero_point: bool, store_dtype: torch.dtype):
     """quant.py's scale / zero for rows of one group w [N, g] -> (scale fp32 [N], zero fp32 [N], scale stored)."""
     if zero_point:
-        hi, lo = w.amax(-1).clamp(min=0), w.amin(-1).clamp(max=0)
-        s = ((hi - lo).clamp(min=_MIN_RANGE) / 15).to(store_dtype)
+        s, z = _load_time_params(w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0), store_dtype)
         s32 = s.float()
-        z = torch.round(-lo / s32).clamp(0, 15)
     else:
         s = (w.abs().amax(-1).clamp(min=_MIN_RANGE) / 7).to(store_dtype)
         s32 = s.float()
@@ -66,8 +62,8 @@ def _reproducible_group(lo: torch.Tensor, hi: torch.Tensor, store_dtype: torch.d
     holding the codes 0 and 15 (dequantized, stored in store_dtype) is given back exactly this
     scale and zero by RTN at load. Starts from RTN's own scale and tries its neighbours (a few
     ulps) where rounding the stored extremes moves it. Returns (s32, z, s_stored, ok [N] bool)."""
-    s0, _ = _load_time_params(lo, hi, store_dtype)
-    best_s, best_z = s0.clone(), torch.round(-lo / s0.float()).clamp(0, 15)
+    s0, z0 = _load_time_params(lo, hi, store_dtype)
+    best_s, best_z = s0.clone(), z0
     ok = torch.zeros_like(lo, dtype=torch.bool)
     for d in [0, *[x for k in range(1, tries + 1) for x in (-k, k)]]:
         sc = _next_values(s0, d) if d else s0
