@@ -165,3 +165,52 @@ def test_sqplus_gptq_smoothed_form_bad_options_one_clear_error(tmp_path, capsys)
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "x"), "--format", "smoothed",
                          "--dense-out", str(tmp_path / "d"), "--group-size", "64"], "--dense-out goes with --format packed")
     assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+
+
+def test_act_order_with_uncorrelated_inputs_is_rtn_in_any_column_order():
+    """A diagonal H of distinct energies: the columns are visited in a shuffled order, yet nothing
+    is compensated, so every code must land in its own column: the result equals GPTQ in plain
+    order exactly (both forms), and the plain form's equals RTN (ties aside)."""
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(24, 256, generator=gen) * 0.02).to(torch.bfloat16)
+    h = torch.diag(torch.rand(256, generator=gen) * 10 + 0.1)
+    assert not torch.equal(torch.argsort(torch.diag(h), descending=True), torch.arange(256))
+    for reproducible in (False, True):
+        act = gptq_quantize(w, h, 64, True, torch.bfloat16, damp=0.0, reproducible=reproducible, act_order=True)
+        plain = gptq_quantize(w, h, 64, True, torch.bfloat16, damp=0.0, reproducible=reproducible)
+        assert all(torch.equal(a, b) for a, b in zip(act, plain))
+    q0, s0, z0 = quantize_int4(w, 64)
+    q1, s1, z1 = gptq_quantize(w, h, 64, True, torch.bfloat16, damp=0.0, act_order=True)
+    assert torch.equal(s1, s0) and torch.equal(z1, z0)
+    assert (q1.int() - q0.int()).abs().max() <= 1 and (q1 != q0).float().mean() < 0.01  # ties only
+
+
+def test_act_order_reproducible_survives_rtn_at_load_and_beats_plain_order_on_uneven_inputs():
+    """Inputs whose channel energies differ by orders of magnitude (as activations with outlier
+    channels do): act-order GPTQ has less output error than GPTQ in plain order (measured 0.82x on
+    this seed), and its smoothed form still quantizes back bit for bit under RTN at load."""
+    gen = torch.Generator().manual_seed(0)
+    k, n = 256, 96
+    mix = torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k)
+    x = (torch.randn(2048, k, generator=gen) * torch.rand(k, generator=gen) * 3) @ mix
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    errs = {}
+    for act in (False, True):
+        q, s, z = gptq_quantize(w, x.T @ x, 64, True, torch.bfloat16, reproducible=True, act_order=act)
+        stored = dequantize_int4(q, s, z, 64, dtype=torch.bfloat16)
+        q2, s2, z2 = quantize_int4(stored, 64)
+        assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
+        errs[act] = _out_err(w.float(), stored.float(), x)
+    assert errs[True] < 0.9 * errs[False]
+
+
+def test_sqplus_gptq_act_order_is_recorded(tmp_path):
+    from vllm_sqplus.cli import main
+    src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
+    calib = tmp_path / "c.txt"
+    calib.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 200)
+    out = tmp_path / "s"
+    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", "--act-order", "--calib", str(calib),
+                 "--samples", "4", "--seq-len", "32", "--group-size", "64"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["gptq"]["act_order"] is True and qc["gptq"]["rtn_at_load_mismatches"] == 0

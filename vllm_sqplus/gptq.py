@@ -6,8 +6,9 @@ each column's rounding error is pushed onto the columns not yet quantized throug
 input Hessian H = X^T X, so the layer's output error shrinks where plain RTN leaves it. Scheme as
 everywhere here: INT4, asymmetric min-max with zero point per group of g along K (quant.py's
 formulas; a group's scale and zero come from the group's weights as updated when GPTQ reaches its
-first column), lm_head and embeddings kept, no act-order (static groups, so the packed layout is
-the plain one).
+first column), lm_head and embeddings kept. --act-order quantizes the columns in decreasing order
+of input energy with static groups (parameters from the weights as given), so the packed layout
+stays the plain one.
 
 Layer by layer (one decoder layer on the device at a time): the Hessians of a layer's linears are
 collected on the *quantized* model's stream of the calibration samples, every linear is quantized,
@@ -79,10 +80,25 @@ def _reproducible_group(lo: torch.Tensor, hi: torch.Tensor, store_dtype: torch.d
     return best_s.float(), best_z, best_s, ok
 
 
+def _group_range_params(grp: torch.Tensor, col0: int, zero_point: bool, store_dtype: torch.dtype,
+                        reproducible: bool):
+    """A group's quantization from its weights grp [N, g] (columns col0 .. col0+g-1) ->
+    (s32, z, s_stored, pin_lo, pin_hi): pin_lo / pin_hi [N] are the columns given the codes 0 / 15
+    in the reproducible form (-1: none, where the group's range ends at 0), else None."""
+    if not reproducible:
+        s32, z, s_st = _group_params(grp, zero_point, store_dtype)
+        return s32, z, s_st, None, None
+    hi, lo = grp.amax(-1).clamp(min=0), grp.amin(-1).clamp(max=0)
+    s32, z, s_st, _ = _reproducible_group(lo.to(store_dtype).float(), hi.to(store_dtype).float(), store_dtype)
+    pin_lo = torch.where(z > 0, col0 + grp.argmin(-1), -1)
+    pin_hi = torch.where(z < 15, col0 + grp.argmax(-1), -1)
+    return s32, z, s_st, pin_lo, pin_hi
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool = True,
                   store_dtype: torch.dtype = torch.bfloat16, block: int = 128, damp: float = 0.01,
-                  reproducible: bool = False):
+                  reproducible: bool = False, act_order: bool = False):
     """GPTQ of w [N, K] with input Hessian h [K, K] -> (q uint8 [N, K], scales [N, K/g] store_dtype,
     zeros uint8 [N, K/g]); dequantize_int4 of the result is the layer's new weight.
 
@@ -90,8 +106,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point:
     weight, is quantized back to exactly (q, scales, zeros) by plain RTN (quant.quantize_int4), so
     a smoothed checkpoint can carry GPTQ's rounding decisions and the plugin still only rounds at
     load. Per group, the scale is one RTN at load reproduces (_reproducible_group) and the group's
-    smallest and largest weight (when the group starts) are given the codes 0 and 15, so the stored
-    group spans exactly that range; GPTQ's error feedback absorbs the two pinned roundings.
+    smallest and largest weight are given the codes 0 and 15, so the stored group spans exactly
+    that range; GPTQ's error feedback absorbs the two pinned roundings.
+
+    act_order: columns are quantized in decreasing order of diag(H) (the inputs with the most energy
+    first, while the most columns are left to absorb their error), with static groups: every group's
+    scale, zero (and pins) come from the weights as given, before any update, so the groups stay the
+    plain contiguous ones (no g_idx; llm-compressor's actorder "static"). Without it, a group's
+    parameters come from its weights as updated when GPTQ reaches the group's first column.
     """
     if reproducible and not zero_point:
         raise SqplusError("GPTQ in the RTN-reproducible form needs the zero-point scheme")
@@ -102,6 +124,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    scales = torch.zeros(n, k // g, dtype=store_dtype)
+    zeros = torch.zeros(n, k // g, dtype=torch.uint8)
+    perm = None
+    if act_order:
+        S32, Z, PLO, PHI = [], [], [], []
+        for gi in range(k // g):
+            s32, z, s_st, plo, phi = _group_range_params(W[:, gi * g:(gi + 1) * g], gi * g, zero_point,
+                                                         store_dtype, reproducible)
+            scales[:, gi], zeros[:, gi] = s_st, z.to(torch.uint8)
+            S32.append(s32), Z.append(z), PLO.append(plo), PHI.append(phi)
+        S32, Z = torch.stack(S32, 1), torch.stack(Z, 1)
+        if reproducible:
+            PLO, PHI = torch.stack(PLO, 1), torch.stack(PHI, 1)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
@@ -110,27 +147,22 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point:
         raise SqplusError(f"GPTQ: the input Hessian is not positive definite ({e}); use more calibration samples")
     block = max(block, g)  # groups never straddle a block (g in 32, 64, 128 or K)
     Q = torch.zeros(n, k, dtype=torch.uint8)
-    scales = torch.zeros(n, k // g, dtype=store_dtype)
-    zeros = torch.zeros(n, k // g, dtype=torch.uint8)
-    s32 = z = None
+    s32 = z = pin_lo = pin_hi = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
         Err = torch.zeros_like(W1)
         Hi = Hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            col = i1 + j
-            if col % g == 0:  # the group's range from its weights as they are now
-                grp = W1[:, j: j + g]
+            col = i1 + j if perm is None else int(perm[i1 + j])  # the column's place in w
+            if perm is not None:
+                gi = col // g
+                s32, z = S32[:, gi], Z[:, gi]
                 if reproducible:
-                    hi, lo = grp.amax(-1).clamp(min=0), grp.amin(-1).clamp(max=0)
-                    s32, z, s_st, _ = _reproducible_group(lo.to(store_dtype).float(), hi.to(store_dtype).float(),
-                                                          store_dtype)
-                    # the elements that carry the range (none needed where the range ends at 0)
-                    pin_lo = torch.where(z > 0, col + grp.argmin(-1), -1)
-                    pin_hi = torch.where(z < 15, col + grp.argmax(-1), -1)
-                else:
-                    s32, z, s_st = _group_params(grp, zero_point, store_dtype)
+                    pin_lo, pin_hi = PLO[:, gi], PHI[:, gi]
+            elif col % g == 0:  # the group's range from its weights as they are now
+                s32, z, s_st, pin_lo, pin_hi = _group_range_params(W1[:, j: j + g], col, zero_point,
+                                                                   store_dtype, reproducible)
                 scales[:, col // g] = s_st
                 zeros[:, col // g] = z.to(torch.uint8)
             wc = W1[:, j]
@@ -152,7 +184,7 @@ def _log(msg: str) -> None:
 
 @torch.no_grad()
 def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_point: bool,
-               store_dtype: torch.dtype, reproducible: bool = False) -> dict:
+               store_dtype: torch.dtype, reproducible: bool = False, act_order: bool = False) -> dict:
     """GPTQ of every linear of one decoder layer (on the device) in place: its input Hessians from
     the stream hs, each weight replaced by its dequantized INT4 (float). Returns {linear: (q, s, z)}."""
     from vllm_sqplus.arch import get_module
@@ -179,7 +211,7 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
     for name in arch.linears:
         lin = get_module(layer, name)
         q, s, z = gptq_quantize(lin.weight.to(store_dtype), hess[name], group_size, zero_point, store_dtype,
-                                reproducible=reproducible)
+                                reproducible=reproducible, act_order=act_order)
         lin.weight.copy_(dequantize_int4(q, s, z, group_size, dtype=torch.float32).to(lin.weight.device))
         out[name] = (q, s, z)
     return out
@@ -188,7 +220,7 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
 @torch.no_grad()
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
-               reproducible: bool = False):
+               reproducible: bool = False, act_order: bool = False):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
     returns {module name: (q, scales, zeros)}.
 
@@ -204,7 +236,7 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
         it = tqdm(it, desc="gptq", unit="layer")
     for i in it:
         layer = runner.layer_on_device(i)
-        qs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible)
+        qs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible, act_order)
         stored = runner.layers[i]
         for name, t in qs.items():
             get_module(stored, name).weight.data = get_module(layer, name).weight.detach().to(
@@ -224,6 +256,9 @@ def add_parser(subparsers) -> None:
                    help="packed: INT4 codes, scales, zeros (loaded as is); smoothed: the dequantized "
                         "weights in the input's dtype, which the plugin's RTN at load quantizes back to "
                         "exactly GPTQ's codes and scales (the paper's deployment form; zero point only)")
+    p.add_argument("--act-order", action="store_true",
+                   help="quantize columns in decreasing order of input energy (static groups: the "
+                        "stored layout and the plugin's RTN at load are unchanged)")
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
     p.add_argument("--calib", default="stdlib")
     p.add_argument("--samples", type=int, default=32)
@@ -267,10 +302,10 @@ def _run(args) -> int:
         raise SqplusError("--format smoothed needs the zero-point scheme (the input's quantization_config "
                           "has zero_point false)")
     qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True,
-                    reproducible=args.format == "smoothed")
+                    reproducible=args.format == "smoothed", act_order=args.act_order)
     secs = time.perf_counter() - t0
     gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
-                 "damp": 0.01, "act_order": False, "seconds": round(secs, 1)}
+                 "damp": 0.01, "act_order": bool(args.act_order), "seconds": round(secs, 1)}
 
     def write_smoothed(tmp: Path) -> None:
         from vllm_sqplus.checkpoint import save_model

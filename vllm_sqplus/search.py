@@ -94,6 +94,7 @@ class SearchOptions:
     fit_samples: int = 4                # statistics samples reused to fit the per-layer refinement
     fisher: bool = True                 # weight the per-layer error by the loss gradient (else plain MSE)
     gptq: bool = False                  # a last GPTQ stage in the RTN-reproducible form, kept if it wins
+    gptq_act_order: bool = False        # that stage with activation order (static groups)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False
@@ -507,7 +508,8 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         work = copy.deepcopy(layer)
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
-        qs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True)
+        qs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
+                        act_order=opts.gptq_act_order)
         for name, (qq, sc, zz) in qs.items():  # what the checkpoint will hold, quantized by the plugin
             w = get_module(work, name).weight.to(q.store_dtype)
             q2, s2, z2 = quantize_int4(w, q.group_size, q.zero_point)

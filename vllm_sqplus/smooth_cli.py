@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
                    help="skip the last stage: GPTQ on the smoothed weights, stored so that RTN at load "
                         "reproduces it exactly (kept only where it beats the rest on the held-out loss; "
                         "off with --no-clip, --alpha X and --no-zero-point)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="the GPTQ stage quantizes columns in decreasing order of input energy (static "
+                        "groups: the checkpoint and RTN at load are unchanged)")
     p.add_argument("--no-clip", action="store_true", help="no clipping search (plain min-max ranges)")
     p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
@@ -119,7 +122,8 @@ def search_options(args, alpha):
                          stat=args.act_stat, pairs=args.pairs, alphas=grid,
                          refine=not args.no_refine and not fixed, fit_samples=args.fit_samples,
                          fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
-                         gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point))
+                         gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
+                         gptq_act_order=args.gptq_act_order)
 
 
 def run(args) -> int:
@@ -200,6 +204,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
         "gptq": chosen.endswith("+gptq"),
+        **({"gptq_act_order": True} if chosen.endswith("+gptq") and args.gptq_act_order else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
