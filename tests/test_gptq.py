@@ -214,3 +214,57 @@ def test_sqplus_gptq_act_order_is_recorded(tmp_path):
                  "--samples", "4", "--seq-len", "32", "--group-size", "64"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"]["act_order"] is True and qc["gptq"]["rtn_at_load_mismatches"] == 0
+
+
+def test_gram_blocked_is_x_transpose_x_and_exactly_symmetric():
+    from vllm_sqplus.gptq import gram
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(2))
+    h = gram(x, block=128)  # 8 blocks: the mirrored path
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(gram(x, block=1024), x.T @ x)  # narrow: one plain product
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_gptq_layer_is_true_sequential_and_returns_the_quantized_layers_output(tmp_path, arch_name):
+    """Reference in plain PyTorch: run the layer that gptq_layer left (all linears quantized) on the
+    same stream with hooks that record each linear's input; each linear's codes must be exactly
+    gptq_quantize(its original weight, x^T x of that input), i.e. every Hessian saw the quantized
+    linears before it, and the returned stream must be that layer's output."""
+    import copy
+    from vllm_sqplus.arch import get_arch, get_module
+    from vllm_sqplus.calibrate import LayerwiseModel
+    from vllm_sqplus.checkpoint import load_full_precision
+    from vllm_sqplus.gptq import gptq_layer
+    model = load_full_precision(str(save_tiny(tmp_path / "m", arch_name, dtype=torch.bfloat16)))
+    arch = get_arch(model.config)
+    runner = LayerwiseModel(model, arch, batch_size=2)
+    ids = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    hs = runner.run_layer(runner.layer_on_device(0), runner.embed(ids))  # a real layer-1 input
+    layer = runner.layer_on_device(1)
+    orig = {n: get_module(layer, n).weight.detach().clone() for n in arch.linears}
+
+    def inputs(lay):  # {linear: its input [tokens, K]} in one forward of lay on hs, and the output
+        seen = {}
+        hooks = [get_module(lay, n).register_forward_pre_hook(
+            lambda m, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).float())) for n in arch.linears]
+        res = lay(hs, **runner._capture_kwargs(hs.shape[1]))
+        for hk in hooks:
+            hk.remove()
+        return seen, res[0] if isinstance(res, tuple) else res
+
+    before, _ = inputs(copy.deepcopy(layer))
+    qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True)
+    seen, again = inputs(layer)
+    ref_out = runner.run_layer(copy.deepcopy(layer), hs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, again)
+    for n in arch.linears:
+        q, s, z = gptq_quantize(orig[n].to(torch.bfloat16), seen[n].T @ seen[n], 32, True, torch.bfloat16,
+                                reproducible=True)
+        assert torch.equal(q, qs[n][0]) and torch.equal(s, qs[n][1]) and torch.equal(z, qs[n][2]), n
+    # not vacuous: the unquantized layer feeds down_proj another input, whose Hessian gives other codes
+    down = "mlp.down_proj"
+    q_std = gptq_quantize(orig[down].to(torch.bfloat16), before[down].T @ before[down], 32, True, torch.bfloat16,
+                          reproducible=True)[0]
+    assert not torch.equal(q_std, qs[down][0])

@@ -508,14 +508,13 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         work = copy.deepcopy(layer)
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
-        qs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
-                        act_order=opts.gptq_act_order)
+        qs, hs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
+                            act_order=opts.gptq_act_order)
         for name, (qq, sc, zz) in qs.items():  # what the checkpoint will hold, quantized by the plugin
             w = get_module(work, name).weight.to(q.store_dtype)
             q2, s2, z2 = quantize_int4(w, q.group_size, q.zero_point)
             mismatches += int((q2 != qq).sum() + (s2 != sc).sum() + (z2 != zz).sum())
         out.append({name: (pack_nibbles(qq), sc, zz) for name, (qq, sc, zz) in qs.items()})
-        hs = runner.run_layer(work, hs)
         hs_held = runner.run_layer(work, hs_held)
         del layer, work
     return out, hs_held, mismatches
