@@ -16,9 +16,13 @@ def _ids(n, t, seed=0):
     return torch.randint(0, 320, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_scorer_equals_direct_kl_and_nll(tie):
-    model = tiny_model("llama", tie=tie).eval()
+@pytest.mark.parametrize("tie,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_scorer_equals_direct_kl_and_nll(tie, dtype, monkeypatch):
+    """bfloat16: the lm_head stays stored and is widened 96 vocabulary rows at a time (not a divisor
+    of the 320 rows); the reference is the float32 model with the same (widened) weights."""
+    import vllm_sqplus.search as search_mod
+    monkeypatch.setattr(search_mod, "HEAD_ROWS", 96)
+    model = tiny_model("llama", tie=tie).eval().to(dtype)
     arch = get_arch(model.config)
     ids = _ids(3, 40)
     runner = LayerwiseModel(model, arch)
@@ -28,6 +32,7 @@ def test_scorer_equals_direct_kl_and_nll(tie):
     scorer = _Scorer(runner, hs, ids, tokens_per_chunk=50)  # chunks that do not divide the tokens
     other = hs + 0.05 * torch.randn_like(hs)
     kl, nll = scorer(other)
+    model = copy.deepcopy(model).float()
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits.float(), -1).reshape(-1, 320)
         new = torch.log_softmax(model.lm_head(model.model.norm(other)).float(), -1).reshape(-1, 320)
@@ -79,11 +84,16 @@ def test_search_table_and_identity():
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
 
 
-def test_fisher_weights_equal_autograd_on_the_whole_model():
-    """_fisher's layer-by-layer backward == the squared gradient of the model's NLL w.r.t. each
-    decoder layer's output, from one ordinary backward of the whole model (normalised to mean 1)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fisher_weights_equal_autograd_on_the_whole_model(dtype, monkeypatch):
+    """_fisher's layer-by-layer backward (the lm_head's part written out, its stored weights widened
+    96 rows at a time) == the squared gradient of the model's NLL w.r.t. each decoder layer's output,
+    from one ordinary backward of the whole float32 model (normalised to mean 1)."""
+    import vllm_sqplus.search as search_mod
     from vllm_sqplus.search import _fisher
+    monkeypatch.setattr(search_mod, "HEAD_ROWS", 96)
     model = tiny_model("qwen2", kv_heads=2).eval()
+    model.lm_head.to(dtype)  # (the decoder layers stay float32: the reference's rotary tables must match)
     arch = get_arch(model.config)
     ids = _ids(2, 24, seed=3)
     runner = LayerwiseModel(model, arch, batch_size=1)
@@ -93,6 +103,7 @@ def test_fisher_weights_equal_autograd_on_the_whole_model():
         hs = runner.run_layer(runner.layer_on_device(i), hs)
         inputs.append(hs)
     got = _fisher(runner, inputs, ids, progress=False)
+    model = model.float()
     outs = []
     hooks = [layer.register_forward_hook(lambda m, a, o: (o[0] if isinstance(o, tuple) else o).retain_grad()
                                          or outs.append(o[0] if isinstance(o, tuple) else o))

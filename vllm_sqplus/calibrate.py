@@ -93,9 +93,16 @@ class LayerwiseModel:
         return torch.cat(outs)
 
     # -- outputs --------------------------------------------------------------------------------
-    def head_on_device(self) -> tuple[nn.Module, nn.Module]:
+    def head_on_device(self, lm_head_stored: bool = False) -> tuple[nn.Module, nn.Module]:
+        """(final norm, lm_head) on the device in the runner's dtype. lm_head_stored: the lm_head
+        as stored instead (the model's own module where it is already on the device, else a copy
+        in its dtype), for callers that widen it a block at a time (search._head_logits)."""
         norm = copy.deepcopy(get_module(self.model, self.arch.final_norm)).to(self.device, self.dtype)
-        head = copy.deepcopy(self.model.get_output_embeddings()).to(self.device, self.dtype)
+        head = self.model.get_output_embeddings()
+        if not lm_head_stored:
+            return norm, copy.deepcopy(head).to(self.device, self.dtype)
+        if head.weight.device != self.device:
+            head = copy.deepcopy(head).to(self.device)
         return norm, head
 
     @torch.no_grad()

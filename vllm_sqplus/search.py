@@ -244,6 +244,35 @@ def prepare_candidate(work, src, arch, config, stats, cand: Candidate, q: QuantS
 
 # ---- loss --------------------------------------------------------------------------------------
 
+HEAD_ROWS = 16384  # lm_head rows (vocabulary entries) converted to float32 at a time
+
+
+def _head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits h [t, hidden] @ W^T (+ b) of an lm_head kept in its stored dtype: W is
+    converted HEAD_ROWS rows at a time (exact: every stored dtype widens exactly), so no float32
+    copy of a big vocabulary's lm_head (0.9 GB for Qwen2.5-1.5B) is ever held."""
+    w, b = head.weight, getattr(head, "bias", None)
+    h = h.float()
+    if w.dtype == torch.float32:
+        out = h @ w.T
+    else:
+        out = torch.empty(h.shape[0], w.shape[0], device=h.device)
+        for r in range(0, w.shape[0], HEAD_ROWS):
+            out[:, r:r + HEAD_ROWS] = h @ w[r:r + HEAD_ROWS].float().T
+    return out + b.float() if b is not None else out
+
+
+def _times_head(p: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """p [t, vocab] @ W -> [t, hidden] in float32, W converted HEAD_ROWS rows at a time."""
+    w = head.weight
+    if w.dtype == torch.float32:
+        return p @ w
+    out = torch.zeros(p.shape[0], w.shape[1], device=p.device)
+    for r in range(0, w.shape[0], HEAD_ROWS):
+        out += p[:, r:r + HEAD_ROWS] @ w[r:r + HEAD_ROWS].float()
+    return out
+
+
 def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     lab = torch.full_like(ids, -1)
     lab[:, :-1] = ids[:, 1:]
@@ -263,8 +292,7 @@ class _Scorer:
     def __init__(self, runner: LayerwiseModel, hs_ref: torch.Tensor, heldout: torch.Tensor,
                  tokens_per_chunk: int = 256):
         self.runner, self.chunk = runner, tokens_per_chunk
-        self.norm, self.lm_head = runner.head_on_device()
-        w = self.lm_head.weight.float()
+        self.norm, self.lm_head = runner.head_on_device(lm_head_stored=True)
         b = self.lm_head.bias.float() if getattr(self.lm_head, "bias", None) is not None else None
         self.labels = _next_token_labels(heldout).to(runner.device)
         self.n_lab = int((self.labels >= 0).sum())
@@ -275,7 +303,7 @@ class _Scorer:
             logp = torch.log_softmax(logits, -1)
             p = logp.exp()
             self.neg_entropy += float((p * logp).sum())
-            self.m.append(p @ w)
+            self.m.append(_times_head(p, self.lm_head))
             self.pb.append(p @ b if b is not None else None)
             nll += self._nll(logits, torch.logsumexp(logits, -1), lab)
             del logits, logp, p
@@ -286,7 +314,7 @@ class _Scorer:
             yield self.norm(chunk).float()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        return _head_logits(self.lm_head, h)
 
     @staticmethod
     def _nll(logits: torch.Tensor, lse: torch.Tensor, lab: torch.Tensor) -> float:
@@ -366,10 +394,12 @@ def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: tor
             progress: bool, head: tuple | None = None) -> list[torch.Tensor]:
     """Per layer i, the squared gradient of the FP model's next-token NLL w.r.t. layer i's output,
     [n, T, H], normalised to mean 1 (a per-token, per-channel weight of the output error).
-    `head`: (final norm, lm_head) already on the device (the scorer's: one copy of a big lm_head)."""
-    norm, head = head or runner.head_on_device()
-    for p in [*norm.parameters(), *head.parameters()]:
-        p.requires_grad_(False)  # gradients w.r.t. activations only (an lm_head gradient is vocab x hidden)
+    `head`: (final norm, lm_head) already on the device (the scorer's: the lm_head in its stored dtype).
+    The lm_head's part of the backward is written out (d sum-NLL / d logits = softmax - one-hot,
+    then times W, in float32), so its weights need no float32 copy and no autograd graph."""
+    norm, head = head or runner.head_on_device(lm_head_stored=True)
+    for p in norm.parameters():
+        p.requires_grad_(False)  # gradients w.r.t. activations only
     labels = _next_token_labels(fit_ids).to(runner.device)
     last = fit_inputs[-1]
     flat = last.reshape(-1, last.shape[-1])
@@ -377,11 +407,14 @@ def _fisher(runner: LayerwiseModel, fit_inputs: list[torch.Tensor], fit_ids: tor
     for x, lab in zip(flat.split(256), labels.split(256)):  # [tokens, vocab] a chunk at a time
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = head(norm(x)).float()
-            loss = torch.nn.functional.cross_entropy(logits, lab, ignore_index=-1, reduction="sum")
-            loss.backward()
+            h = norm(x)
+        g = torch.softmax(_head_logits(head, h.detach()), -1)
+        ok = (lab >= 0).nonzero()[:, 0]
+        g[ok, lab[ok]] -= 1.0
+        g[lab < 0] = 0.0
+        h.backward(_times_head(g, head).to(h.dtype))
         grads.append(x.grad.detach())
-        del logits, loss
+        del g, h
     grad = torch.cat(grads).reshape(last.shape)
     weights = [None] * (len(fit_inputs) - 1)
     order = range(len(fit_inputs) - 2, -1, -1)
@@ -606,6 +639,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
                           loss="fisher-weighted" if opts.fisher else "mse"))
         finals[name] = plans
         secs["per_layer"] = time.perf_counter() - t - secs["fisher"]
+        del weights
+    del fit_inputs  # the FP layer inputs of the fit samples: not needed past the per-layer pass
 
     rows = {r["name"]: r for r in table}
     best = choose(finals, rows)
