@@ -202,6 +202,7 @@ def test_already_smoothed_and_bad_alpha(tmp_path, capsys, calib_file):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, act_order):
+    # (act_order=True also runs the stage in true-sequential order: both options, one tiny run)
     """The default's last stage: GPTQ on the chosen smoothed + clipped weights, a row of its own,
     kept only by the same held-out rule; when kept, every stored linear is a fixed point of the
     plugin's RTN at load (dequantize(quantize(w)) == w bit for bit), so the plugin reproduces it.
@@ -210,7 +211,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     from vllm_sqplus.quant import dequantize_int4, quantize_int4
     src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
     out = tmp_path / "out"
-    extra = ["--gptq-act-order"] if act_order else []
+    extra = ["--gptq-act-order", "--gptq-true-sequential"] if act_order else []
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST, *extra]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
@@ -221,6 +222,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"] == table["chosen"].endswith("+gptq")
     assert qc.get("gptq_act_order", False) == (act_order and qc["gptq"])
+    assert qc.get("gptq_true_sequential", False) == (act_order and qc["gptq"])
     sd = load_file(out / "model.safetensors")
     linears = [k for k in sd if k.endswith("proj.weight")]
     fixed = [torch.equal(dequantize_int4(*quantize_int4(sd[k], 64), 64, dtype=sd[k].dtype), sd[k]) for k in linears]

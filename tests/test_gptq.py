@@ -204,16 +204,18 @@ def test_act_order_reproducible_survives_rtn_at_load_and_beats_plain_order_on_un
     assert errs[True] < 0.9 * errs[False]
 
 
-def test_sqplus_gptq_act_order_is_recorded(tmp_path):
+def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path):
     from vllm_sqplus.cli import main
     src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
     calib = tmp_path / "c.txt"
     calib.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 200)
     out = tmp_path / "s"
-    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", "--act-order", "--calib", str(calib),
+    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", "--act-order", "--true-sequential",
+                 "--calib", str(calib),
                  "--samples", "4", "--seq-len", "32", "--group-size", "64"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["gptq"]["act_order"] is True and qc["gptq"]["rtn_at_load_mismatches"] == 0
+    assert qc["gptq"]["act_order"] is True and qc["gptq"]["true_sequential"] is True
+    assert qc["gptq"]["rtn_at_load_mismatches"] == 0
 
 
 def test_gram_blocked_is_x_transpose_x_and_exactly_symmetric():
@@ -225,12 +227,14 @@ def test_gram_blocked_is_x_transpose_x_and_exactly_symmetric():
     assert torch.equal(gram(x, block=1024), x.T @ x)  # narrow: one plain product
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
-def test_gptq_layer_is_true_sequential_and_returns_the_quantized_layers_output(tmp_path, arch_name):
-    """Reference in plain PyTorch: run the layer that gptq_layer left (all linears quantized) on the
-    same stream with hooks that record each linear's input; each linear's codes must be exactly
-    gptq_quantize(its original weight, x^T x of that input), i.e. every Hessian saw the quantized
-    linears before it, and the returned stream must be that layer's output."""
+@pytest.mark.parametrize("arch_name,true_sequential", [("llama", True), ("qwen2", True), ("qwen2", False)])
+def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name, true_sequential):
+    """Reference in plain PyTorch: hooks record each linear's input in a forward of the layer as
+    given (`before`) and of the layer gptq_layer left, all linears quantized (`seen`). Each linear's
+    codes must be exactly gptq_quantize(its original weight, x^T x) of `seen` in true-sequential
+    order (every Hessian saw the quantized linears before it) and of `before` in the default order
+    (summed per batch of 2 samples, as the layer runs); the returned stream must be the quantized
+    layer's output."""
     import copy
     from vllm_sqplus.arch import get_arch, get_module
     from vllm_sqplus.calibrate import LayerwiseModel
@@ -254,17 +258,25 @@ def test_gptq_layer_is_true_sequential_and_returns_the_quantized_layers_output(t
         return seen, res[0] if isinstance(res, tuple) else res
 
     before, _ = inputs(copy.deepcopy(layer))
-    qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True)
+    qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
+                         true_sequential=true_sequential)
     seen, again = inputs(layer)
     ref_out = runner.run_layer(copy.deepcopy(layer), hs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out, again)
+    if true_sequential:
+        assert torch.equal(out, again)
+    else:
+        assert torch.equal(out, ref_out)
+
+    def codes(n, inputs):
+        c = inputs[n].reshape(hs.shape[0], -1, inputs[n].shape[-1])
+        h = sum(b.reshape(-1, b.shape[-1]).T @ b.reshape(-1, b.shape[-1]) for b in c.split(2)) \
+            if not true_sequential else inputs[n].T @ inputs[n]
+        return gptq_quantize(orig[n].to(torch.bfloat16), h, 32, True, torch.bfloat16, reproducible=True)
+
+    ref, other = (seen, before) if true_sequential else (before, seen)
     for n in arch.linears:
-        q, s, z = gptq_quantize(orig[n].to(torch.bfloat16), seen[n].T @ seen[n], 32, True, torch.bfloat16,
-                                reproducible=True)
+        q, s, z = codes(n, ref)
         assert torch.equal(q, qs[n][0]) and torch.equal(s, qs[n][1]) and torch.equal(z, qs[n][2]), n
-    # not vacuous: the unquantized layer feeds down_proj another input, whose Hessian gives other codes
-    down = "mlp.down_proj"
-    q_std = gptq_quantize(orig[down].to(torch.bfloat16), before[down].T @ before[down], 32, True, torch.bfloat16,
-                          reproducible=True)[0]
-    assert not torch.equal(q_std, qs[down][0])
+    # not vacuous: the other order's input of down_proj has another Hessian, which gives other codes
+    assert not torch.equal(codes("mlp.down_proj", other)[0], qs["mlp.down_proj"][0])

@@ -11,9 +11,10 @@ of input energy with static groups (parameters from the weights as given), so th
 stays the plain one.
 
 Layer by layer (one decoder layer on the device at a time), on the *quantized* model's stream of the
-calibration samples: in one forward of a layer, each linear is quantized from the Hessian of the
-input it gets after the linears before it were quantized (GPTQ's true-sequential order), and the
-quantized layer's output is the next layer's input.
+calibration samples: the Hessians of a layer's linears are collected in one forward of the layer,
+every linear is quantized, and the quantized layer produces the next layer's input, as GPTQ does.
+--true-sequential instead quantizes each linear, in one forward of the whole stream, from the input
+the already quantized linears before it give it (one forward per layer instead of two).
 
 Output: the pre-quantized "packed" checkpoint that the vLLM plugin and transformers (after
 `import vllm_sqplus`) load without requantizing (names in export.py). `--dense-out DIR` also writes
@@ -207,51 +208,73 @@ def gram(x: torch.Tensor, block: int = 1536) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_point: bool,
-               store_dtype: torch.dtype, reproducible: bool = False, act_order: bool = False):
-    """GPTQ of every linear of one decoder layer (on the device) in place, in one forward of the
-    whole stream hs -> ({linear: (q, s, z)}, the quantized layer's output stream).
+               store_dtype: torch.dtype, reproducible: bool = False, act_order: bool = False,
+               true_sequential: bool = False):
+    """GPTQ of every linear of one decoder layer (on the device) in place -> ({linear: (q, s, z)},
+    the quantized layer's output stream hs').
 
-    Each linear is quantized in a forward pre-hook, just before it runs, from the Hessian of the
-    input it receives then (q/k/v and gate/up share their input and its Hessian). So every linear's
-    Hessian sees the already quantized linears before it (GPTQ's "true sequential" order), and the
-    layer's output is the quantized layer's: no second forward. The whole stream goes through at
-    once because a linear's Hessian needs every sample before it is quantized."""
+    Default (GPTQ's usual order): every linear's Hessian from one forward of the layer as given (in
+    batches, q/k/v and gate/up sharing theirs), all linears quantized, then a second forward gives
+    hs'. true_sequential: one forward of the whole stream at once; each linear is quantized in a
+    pre-hook just before it runs, from the Hessian of the input it receives then, so every
+    Hessian sees the already quantized linears before it, and the forward's output is hs' (one
+    forward instead of two; the layer's activations for all samples are held at once)."""
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.quant import dequantize_int4
     out: dict = {}
+    hess: dict = {}
     last: dict = {}
     hooks = []
 
-    def hook(mod, args, name):
-        if name in out:
-            raise SqplusError(f"GPTQ: {name} runs twice in one decoder layer's forward; unsupported model code")
-        x0 = args[0].detach()
-        if last.get("x") is not x0:  # the input q/k/v (gate/up) share: one Hessian
-            last.update(x=x0, h=gram(x0.reshape(-1, x0.shape[-1]).float()))
-        q, s, z = gptq_quantize(mod.weight.to(store_dtype), last["h"], group_size, zero_point, store_dtype,
+    def quantize(mod, name, h):
+        q, s, z = gptq_quantize(mod.weight.to(store_dtype), h, group_size, zero_point, store_dtype,
                                 reproducible=reproducible, act_order=act_order)
         mod.weight.copy_(dequantize_int4(q, s, z, group_size, dtype=torch.float32).to(mod.weight.device))
         out[name] = (q, s, z)
+
+    def hook(mod, args, name):
+        x0 = args[0].detach()
+        shared = last.get("x") is x0  # q/k/v (gate/up) share their input: one Hessian
+        if not shared:
+            last.update(x=x0, name=name, h=gram(x0.reshape(-1, x0.shape[-1]).float()))
+        if true_sequential:
+            if name in out:
+                raise SqplusError(f"GPTQ: {name} runs twice in one decoder layer's forward; unsupported model code")
+            quantize(mod, name, last["h"])
+        elif shared:
+            hess.setdefault(name, hess[last["name"]])  # the same tensor, accumulated in place
+        elif name in hess:
+            hess[name] += last["h"]
+        else:
+            hess[name] = last["h"]
 
     for name in arch.linears:
         hooks.append(get_module(layer, name).register_forward_pre_hook(
             lambda m, a, name=name: hook(m, a, name)))
     try:
-        res = layer(hs, **runner._capture_kwargs(hs.shape[1]))
+        if true_sequential:
+            res = layer(hs, **runner._capture_kwargs(hs.shape[1]))
+            hs_out = res[0] if isinstance(res, tuple) else res
+        else:
+            runner.run_layer(layer, hs)
     finally:
         for hk in hooks:
             hk.remove()
         last.clear()
-    missing = [n for n in arch.linears if n not in out]
+    missing = [n for n in arch.linears if n not in (out if true_sequential else hess)]
     if missing:
         raise SqplusError(f"GPTQ: {', '.join(missing)} never ran in the decoder layer's forward")
-    return {n: out[n] for n in arch.linears}, (res[0] if isinstance(res, tuple) else res)
+    if not true_sequential:
+        for name in arch.linears:
+            quantize(get_module(layer, name), name, hess[name])
+        hs_out = runner.run_layer(layer, hs)
+    return {n: out[n] for n in arch.linears}, hs_out
 
 
 @torch.no_grad()
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
-               reproducible: bool = False, act_order: bool = False):
+               reproducible: bool = False, act_order: bool = False, true_sequential: bool = False):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
     returns {module name: (q, scales, zeros)}.
 
@@ -267,7 +290,8 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
         it = tqdm(it, desc="gptq", unit="layer")
     for i in it:
         layer = runner.layer_on_device(i)
-        qs, hs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible, act_order)
+        qs, hs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible, act_order,
+                            true_sequential)
         stored = runner.layers[i]
         for name, t in qs.items():
             get_module(stored, name).weight.data = get_module(layer, name).weight.detach().to(
@@ -289,6 +313,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--act-order", action="store_true",
                    help="quantize columns in decreasing order of input energy (static groups: the "
                         "stored layout and the plugin's RTN at load are unchanged)")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="one forward per layer, each linear quantized from the input the quantized linears "
+                        "before it give it (default: all of a layer's Hessians from the layer as given)")
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
     p.add_argument("--calib", default="stdlib")
     p.add_argument("--samples", type=int, default=32)
@@ -332,10 +359,12 @@ def _run(args) -> int:
         raise SqplusError("--format smoothed needs the zero-point scheme (the input's quantization_config "
                           "has zero_point false)")
     qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True,
-                    reproducible=args.format == "smoothed", act_order=args.act_order)
+                    reproducible=args.format == "smoothed", act_order=args.act_order,
+                    true_sequential=args.true_sequential)
     secs = time.perf_counter() - t0
     gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
-                 "damp": 0.01, "act_order": bool(args.act_order), "seconds": round(secs, 1)}
+                 "damp": 0.01, "act_order": bool(args.act_order),
+                 "true_sequential": bool(args.true_sequential), "seconds": round(secs, 1)}
 
     def write_smoothed(tmp: Path) -> None:
         from vllm_sqplus.checkpoint import save_model

@@ -57,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gptq-act-order", action="store_true",
                    help="the GPTQ stage quantizes columns in decreasing order of input energy (static "
                         "groups: the checkpoint and RTN at load are unchanged)")
+    p.add_argument("--gptq-true-sequential", action="store_true",
+                   help="the GPTQ stage in true-sequential order: one forward per layer, each linear "
+                        "quantized from the input the quantized linears before it give it")
     p.add_argument("--no-clip", action="store_true", help="no clipping search (plain min-max ranges)")
     p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
@@ -123,7 +126,7 @@ def search_options(args, alpha):
                          refine=not args.no_refine and not fixed, fit_samples=args.fit_samples,
                          fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
-                         gptq_act_order=args.gptq_act_order)
+                         gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential)
 
 
 def run(args) -> int:
@@ -205,6 +208,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         "clipped": any(p.clip is not None for p in plans),
         "gptq": chosen.endswith("+gptq"),
         **({"gptq_act_order": True} if chosen.endswith("+gptq") and args.gptq_act_order else {}),
+        **({"gptq_true_sequential": True} if chosen.endswith("+gptq") and args.gptq_true_sequential else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
