@@ -32,3 +32,21 @@ def test_kernel_bench_cpu_writes_record(tmp_path):
 def test_machine_slug_names_a_folder():
     slug = kernel_bench.machine_slug("cpu")
     assert slug and "/" not in slug and slug == slug.lower() and slug.endswith(f"{os.cpu_count()}c")
+
+
+def test_gptq_layer_time_writes_record_and_the_orders_differ_only_after_the_first_linears(tmp_path):
+    """benchmarks/gptq_layer_time.py on a tiny saved model: one record with both orders timed; q/k/v
+    see the same input in both orders (identical codes), the later linears do not."""
+    import torch
+    import gptq_layer_time
+    from tiny import save_tiny
+    src = save_tiny(tmp_path / "m", "qwen2", dtype=torch.bfloat16)
+    out = tmp_path / "g.json"
+    assert gptq_layer_time.main(["--model", str(src), "--samples", "2", "--seq-len", "32", "--group-size", "32",
+                                 "--threads", "1", "--repeats", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec["orders"]) == {"usual", "true-sequential"} and all(v["seconds"] > 0 for v in rec["orders"].values())
+    d = rec["codes_differing_share"]
+    assert d["self_attn.q_proj"] == d["self_attn.k_proj"] == d["self_attn.v_proj"] == 0.0
+    assert d["mlp.down_proj"] > 0.0
+    assert rec["command"].startswith("python benchmarks/gptq_layer_time.py") and rec["machine"]
