@@ -244,3 +244,18 @@ def test_lm_head_option_is_written_and_read_back(tmp_path, calib_file):
     assert main(["smooth", str(src), "--out", str(out2), "--calib", str(calib_file), "--alpha", "0.5",
                  "--no-clip", *FAST]) == 0
     assert "lm_head" not in json.loads((out2 / "config.json").read_text())["quantization_config"]
+
+
+def test_search_plot_takes_every_row_kind_the_search_writes(tmp_path):
+    """Regression: a GPTQ row on a whole-model setting ("rtn+gptq", the choice on Qwen2.5-Coder-1.5B)
+    has no alpha; the plot raised KeyError and the atomic write threw the 116-minute search away."""
+    pytest.importorskip("matplotlib")
+    from vllm_sqplus.smooth_cli import plot_search
+    rows = [{"name": "rtn", "kind": "whole-model", "alpha": None, "clip": False, "kl": 0.05},
+            {"name": "alpha=0.4", "kind": "whole-model", "alpha": 0.4, "clip": False, "kl": 0.06},
+            {"name": "alpha=0.6", "kind": "whole-model", "alpha": 0.6, "clip": False, "kl": 0.07},
+            {"name": "rtn+clip", "kind": "whole-model", "alpha": None, "clip": True, "kl": 0.045},
+            {"name": "per-layer+clip", "kind": "per-layer", "clip": True, "kl": 0.048},
+            {"name": "rtn+gptq", "kind": "whole-model", "clip": False, "gptq": True, "kl": 0.041}]
+    plot_search({"rows": rows, "group_size": 128, "chosen": "rtn+gptq"}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

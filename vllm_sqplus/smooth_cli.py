@@ -241,7 +241,10 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         save_file({f"{stat}.layers.{i}.{k}": v.contiguous() for i, per in enumerate(res.act_stats)
                    for stat, d in per.items() for k, v in d.items()},
                   str(tmp / STATS_DIR / "act_scales.safetensors"))
-        plot_search(table, tmp / "sqplus_search.png")
+        try:
+            plot_search(table, tmp / "sqplus_search.png")
+        except Exception as e:  # noqa: BLE001 - a figure must never cost the search's result
+            _log(f"warning: the search plot was not written ({type(e).__name__}: {e})")
 
     write_checkpoint_atomic(out, args.overwrite, files)
 
@@ -254,13 +257,13 @@ def plot_search(table: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    uniform = [r for r in table["rows"] if r.get("kind") == "whole-model" and not r.get("clip")]
-    rows = sorted((r for r in uniform if r["alpha"] is not None), key=lambda r: r["alpha"])
+    rows = sorted((r for r in table["rows"] if r.get("kind") == "whole-model" and not r.get("clip")
+                   and not r.get("gptq") and r.get("alpha") is not None), key=lambda r: r["alpha"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["alpha"] for r in rows], [r["kl"] for r in rows], "o-", label="whole-model alpha + INT4")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
     for r in table["rows"]:
-        if r["name"] == "rtn" or r.get("clip") or r.get("kind") == "per-layer":
+        if r["name"] == "rtn" or r.get("clip") or r.get("gptq") or r.get("kind") == "per-layer":
             ax.axhline(r["kl"], ls=next(styles, "--"), color="gray" if r["name"] == "rtn" else None,
                        label=r["name"] if r["name"] != "rtn" else "no smoothing (RTN)")
     ax.set_xlabel("alpha")
