@@ -301,6 +301,17 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
     return out
 
 
+def add_order_args(p, prefix: str = "") -> None:
+    """--{prefix}act-order and --{prefix}true-sequential: the GPTQ options of `sqplus gptq` (no
+    prefix) and of `sqplus smooth`'s GPTQ stage (prefix "gptq-")."""
+    p.add_argument(f"--{prefix}act-order", action="store_true",
+                   help="quantize columns in decreasing order of input energy (static groups: the "
+                        "stored layout and the plugin's RTN at load are unchanged)")
+    p.add_argument(f"--{prefix}true-sequential", action="store_true",
+                   help="one forward per layer, each linear quantized from the input the quantized linears "
+                        "before it give it (default: all of a layer's Hessians from the layer as given)")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gptq", help="GPTQ INT4 of a smoothed checkpoint -> pre-quantized checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,12 +321,7 @@ def add_parser(subparsers) -> None:
                    help="packed: INT4 codes, scales, zeros (loaded as is); smoothed: the dequantized "
                         "weights in the input's dtype, which the plugin's RTN at load quantizes back to "
                         "exactly GPTQ's codes and scales (the paper's deployment form; zero point only)")
-    p.add_argument("--act-order", action="store_true",
-                   help="quantize columns in decreasing order of input energy (static groups: the "
-                        "stored layout and the plugin's RTN at load are unchanged)")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="one forward per layer, each linear quantized from the input the quantized linears "
-                        "before it give it (default: all of a layer's Hessians from the layer as given)")
+    add_order_args(p)
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
     p.add_argument("--calib", default="stdlib")
     p.add_argument("--samples", type=int, default=32)

@@ -54,12 +54,8 @@ def add_parser(sub) -> None:
                    help="skip the last stage: GPTQ on the smoothed weights, stored so that RTN at load "
                         "reproduces it exactly (kept only where it beats the rest on the held-out loss; "
                         "off with --no-clip, --alpha X and --no-zero-point)")
-    p.add_argument("--gptq-act-order", action="store_true",
-                   help="the GPTQ stage quantizes columns in decreasing order of input energy (static "
-                        "groups: the checkpoint and RTN at load are unchanged)")
-    p.add_argument("--gptq-true-sequential", action="store_true",
-                   help="the GPTQ stage in true-sequential order: one forward per layer, each linear "
-                        "quantized from the input the quantized linears before it give it")
+    from vllm_sqplus.gptq import add_order_args
+    add_order_args(p, prefix="gptq-")  # the GPTQ stage's options
     p.add_argument("--no-clip", action="store_true", help="no clipping search (plain min-max ranges)")
     p.add_argument("--pairs", choices=["norm", "all"], default="all",
                    help="norm: norm->linears only; all: also v->o (no GQA) and up->down")
