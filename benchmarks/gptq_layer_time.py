@@ -64,8 +64,12 @@ def main(argv=None) -> int:
     from vllm_sqplus.checkpoint import load_model
     from vllm_sqplus.gptq import gptq_layer
 
+    from vllm_sqplus.errors import SqplusError
     load_avg = os.getloadavg()
-    model, arch = load_model(a.model, "auto")
+    try:  # a wrong path, architecture or non-finite weights: one line, no traceback
+        model, arch = load_model(a.model, "auto")
+    except SqplusError as e:
+        raise SystemExit(f"error: {e}") from None
     tok = AutoTokenizer.from_pretrained(a.model)
     ids, _ = calibration_ids(tok, "stdlib", a.samples, 4, a.seq_len)
     store = next(model.parameters()).dtype
