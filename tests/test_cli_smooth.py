@@ -200,18 +200,19 @@ def test_already_smoothed_and_bad_alpha(tmp_path, capsys, calib_file):
     _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o3"), "--alpha", "1.5"], "--alpha must lie in [0, 1]")
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", [True, False])
 def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, act_order):
-    # (act_order=True also runs the stage in true-sequential order: both options, one tiny run)
+    # act_order=True: the defaults (act-order, true-sequential); False: --no-gptq-act-order
+    # --no-gptq-true-sequential (GPTQ's usual order), both options off in one tiny run
     """The default's last stage: GPTQ on the chosen smoothed + clipped weights, a row of its own,
     kept only by the same held-out rule; when kept, every stored linear is a fixed point of the
     plugin's RTN at load (dequantize(quantize(w)) == w bit for bit), so the plugin reproduces it.
-    Same with --gptq-act-order (static groups), which the config then records."""
+    Same in the usual order; the config records which order was used."""
     from safetensors.torch import load_file
     from vllm_sqplus.quant import dequantize_int4, quantize_int4
     src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
     out = tmp_path / "out"
-    extra = ["--gptq-act-order", "--gptq-true-sequential"] if act_order else []
+    extra = [] if act_order else ["--no-gptq-act-order", "--no-gptq-true-sequential"]
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST, *extra]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
@@ -221,8 +222,10 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     assert table["chosen"] == best["name"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"] == table["chosen"].endswith("+gptq")
-    assert qc.get("gptq_act_order", False) == (act_order and qc["gptq"])
-    assert qc.get("gptq_true_sequential", False) == (act_order and qc["gptq"])
+    if qc["gptq"]:
+        assert qc["gptq_act_order"] is act_order and qc["gptq_true_sequential"] is act_order
+    else:
+        assert "gptq_act_order" not in qc and "gptq_true_sequential" not in qc
     sd = load_file(out / "model.safetensors")
     linears = [k for k in sd if k.endswith("proj.weight")]
     fixed = [torch.equal(dequantize_int4(*quantize_int4(sd[k], 64), 64, dtype=sd[k].dtype), sd[k]) for k in linears]

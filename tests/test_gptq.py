@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tiny import save_tiny
+from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.gptq import gptq_quantize
 from vllm_sqplus.quant import dequantize_int4, pseudo_quantize_int4, quantize_int4
 
@@ -204,17 +205,18 @@ def test_act_order_reproducible_survives_rtn_at_load_and_beats_plain_order_on_un
     assert errs[True] < 0.9 * errs[False]
 
 
-def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path):
+@pytest.mark.parametrize("flags,expect", [([], True), (["--no-act-order", "--no-true-sequential"], False)])
+def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path, flags, expect):
+    """Both on by default, both off with their --no- forms; the config records which."""
     from vllm_sqplus.cli import main
     src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
     calib = tmp_path / "c.txt"
     calib.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 200)
     out = tmp_path / "s"
-    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", "--act-order", "--true-sequential",
-                 "--calib", str(calib),
+    assert main(["gptq", str(src), "--out", str(out), "--format", "smoothed", *flags, "--calib", str(calib),
                  "--samples", "4", "--seq-len", "32", "--group-size", "64"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["gptq"]["act_order"] is True and qc["gptq"]["true_sequential"] is True
+    assert qc["gptq"]["act_order"] is expect and qc["gptq"]["true_sequential"] is expect
     assert qc["gptq"]["rtn_at_load_mismatches"] == 0
 
 
@@ -258,8 +260,16 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
         return seen, res[0] if isinstance(res, tuple) else res
 
     before, _ = inputs(copy.deepcopy(layer))
+    gate_rows = []  # samples per call of gate_proj while gptq_layer runs
+    spy = get_module(layer, "mlp.gate_proj").register_forward_pre_hook(
+        lambda m, a: gate_rows.append(a[0].shape[0]))
     qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
                          true_sequential=true_sequential)
+    spy.remove()
+    if true_sequential:
+        # the MLP ran in batches of 2 samples (3 batches of the 5): one pass collecting down_proj's
+        # input, then the first batch again to check the MLP's output is down_proj's (no third pass)
+        assert gate_rows == [2, 2, 1, 2]
     seen, again = inputs(layer)
     ref_out = runner.run_layer(copy.deepcopy(layer), hs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -280,3 +290,23 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
         assert torch.equal(q, qs[n][0]) and torch.equal(s, qs[n][1]) and torch.equal(z, qs[n][2]), n
     # not vacuous: the other order's input of down_proj has another Hessian, which gives other codes
     assert not torch.equal(codes("mlp.down_proj", other)[0], qs["mlp.down_proj"][0])
+
+
+def test_inverse_upper_cholesky_against_the_plain_reference():
+    """GPTQ's Hinv from one Cholesky of the flipped Hessian equals the reference
+    cholesky(inverse(H), upper) to float32 rounding, and is upper triangular exactly."""
+    from vllm_sqplus.gptq import _inverse_upper_cholesky
+    x = torch.randn(400, 150, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = x.T @ x + 0.1 * torch.eye(150, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    u = _inverse_upper_cholesky(h.float())
+    assert torch.equal(u, torch.triu(u))
+    torch.testing.assert_close(u.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gptq_on_a_hessian_that_is_not_positive_definite_is_one_clear_error():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    h = -torch.eye(64)
+    h[0, 0] = 1.0  # no dead input; the damping (1% of a negative mean) cannot make it definite
+    with pytest.raises(SqplusError, match="not positive definite"):
+        gptq_quantize(w, h, 64, True, torch.bfloat16)

@@ -94,8 +94,8 @@ class SearchOptions:
     fit_samples: int = 4                # statistics samples reused to fit the per-layer refinement
     fisher: bool = True                 # weight the per-layer error by the loss gradient (else plain MSE)
     gptq: bool = False                  # a last GPTQ stage in the RTN-reproducible form, kept if it wins
-    gptq_act_order: bool = False        # that stage with activation order (static groups)
-    gptq_true_sequential: bool = False  # that stage in true-sequential order (one forward per layer)
+    gptq_act_order: bool = True         # that stage with activation order (static groups)
+    gptq_true_sequential: bool = True   # that stage in true-sequential order (one forward per layer)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False

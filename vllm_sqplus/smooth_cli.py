@@ -203,8 +203,8 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
         "gptq": chosen.endswith("+gptq"),
-        **({"gptq_act_order": True} if chosen.endswith("+gptq") and args.gptq_act_order else {}),
-        **({"gptq_true_sequential": True} if chosen.endswith("+gptq") and args.gptq_true_sequential else {}),
+        **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential)}
+           if chosen.endswith("+gptq") else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
