@@ -1,4 +1,5 @@
-"""Time and memory of one decoder layer's GPTQ stage, in GPTQ's usual order and in true-sequential order.
+"""Time and memory of one decoder layer's GPTQ stage: GPTQ's usual order, true-sequential order, and
+true-sequential with act-order (the default of `sqplus gptq` and the search's stage since session 6).
 
 The search's GPTQ stage (vllm_sqplus.search._pass_gptq -> vllm_sqplus.gptq.gptq_layer) costs per layer:
 the Hessians (a forward of the layer on the statistics samples), GPTQ itself, and the quantized layer's
@@ -80,16 +81,17 @@ def main(argv=None) -> int:
         hs = runner.embed(ids)
         for i in range(a.layer):
             hs = runner.run_layer(runner.layer_on_device(i), hs)
-    runs: dict = {"usual": [], "true-sequential": []}
+    orders = (("usual", False, False), ("true-sequential", True, False), ("true-sequential act-order", True, True))
+    runs: dict = {o[0]: [] for o in orders}
     codes = {}
     for _ in range(a.repeats):
-        for order, seq in (("usual", False), ("true-sequential", True)):
+        for order, seq, act in orders:
             layer = runner.layer_on_device(a.layer)
             reset = _reset_peak()
             before = _status_kib("VmRSS")
             t = time.perf_counter()
             qs, _ = gptq_layer(layer, arch, runner, hs, a.group_size, True, store, reproducible=True,
-                               true_sequential=seq)
+                               true_sequential=seq, act_order=act)
             secs = time.perf_counter() - t
             runs[order].append({"seconds": round(secs, 2), "rss_before_gib": round(before / 2**20, 3),
                                 "peak_rss_gib": round(_status_kib("VmHWM") / 2**20, 3) if reset else None})

@@ -35,8 +35,9 @@ def test_machine_slug_names_a_folder():
 
 
 def test_gptq_layer_time_writes_record_and_the_orders_differ_only_after_the_first_linears(tmp_path):
-    """benchmarks/gptq_layer_time.py on a tiny saved model: one record with both orders timed; q/k/v
-    see the same input in both orders (identical codes), the later linears do not."""
+    """benchmarks/gptq_layer_time.py on a tiny saved model: one record with the three orders timed;
+    q/k/v see the same input in the usual and the true-sequential order (identical codes), the
+    later linears do not."""
     import torch
     import gptq_layer_time
     from tiny import save_tiny
@@ -45,7 +46,7 @@ def test_gptq_layer_time_writes_record_and_the_orders_differ_only_after_the_firs
     assert gptq_layer_time.main(["--model", str(src), "--samples", "2", "--seq-len", "32", "--group-size", "32",
                                  "--threads", "1", "--repeats", "1", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
-    assert set(rec["orders"]) == {"usual", "true-sequential"} and all(v["seconds"] > 0 for v in rec["orders"].values())
+    assert set(rec["orders"]) == {"usual", "true-sequential", "true-sequential act-order"} and all(v["seconds"] > 0 for v in rec["orders"].values())
     d = rec["codes_differing_share"]
     assert d["self_attn.q_proj"] == d["self_attn.k_proj"] == d["self_attn.v_proj"] == 0.0
     assert d["mlp.down_proj"] > 0.0

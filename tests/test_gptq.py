@@ -234,9 +234,9 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
     """Reference in plain PyTorch: hooks record each linear's input in a forward of the layer as
     given (`before`) and of the layer gptq_layer left, all linears quantized (`seen`). Each linear's
     codes must be exactly gptq_quantize(its original weight, x^T x) of `seen` in true-sequential
-    order (every Hessian saw the quantized linears before it) and of `before` in the default order
-    (summed per batch of 2 samples, as the layer runs); the returned stream must be the quantized
-    layer's output."""
+    order (every Hessian saw the quantized linears before it) and of `before` in the usual order
+    (summed per batch of 2 samples, as the layer runs; down_proj's in true-sequential order too, as
+    the MLP runs); the returned stream must be the quantized layer's output."""
     import copy
     from vllm_sqplus.arch import get_arch, get_module
     from vllm_sqplus.calibrate import LayerwiseModel
@@ -280,8 +280,11 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
 
     def codes(n, inputs):
         c = inputs[n].reshape(hs.shape[0], -1, inputs[n].shape[-1])
+        # per batch of 2 samples summed (the usual order's batches; in true-sequential order the
+        # MLP's batches give down_proj's), else one product over every sample
+        batched = not true_sequential or n == "mlp.down_proj"
         h = sum(b.reshape(-1, b.shape[-1]).T @ b.reshape(-1, b.shape[-1]) for b in c.split(2)) \
-            if not true_sequential else inputs[n].T @ inputs[n]
+            if batched else inputs[n].T @ inputs[n]
         return gptq_quantize(orig[n].to(torch.bfloat16), h, 32, True, torch.bfloat16, reproducible=True)
 
     ref, other = (seen, before) if true_sequential else (before, seen)
@@ -299,7 +302,9 @@ def test_inverse_upper_cholesky_against_the_plain_reference():
     x = torch.randn(400, 150, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     h = x.T @ x + 0.1 * torch.eye(150, dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    u = _inverse_upper_cholesky(h.float())
+    box = [h.float()]
+    u = _inverse_upper_cholesky(box)
+    assert box == []  # taken: the caller keeps no K x K copy
     assert torch.equal(u, torch.triu(u))
     torch.testing.assert_close(u.double(), ref, rtol=1e-4, atol=1e-6)
 

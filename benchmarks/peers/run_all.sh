@@ -4,11 +4,13 @@
 #   usage: bash benchmarks/peers/run_all.sh MODEL_DIR NAME GROUP_SIZE [gptq] [awq]
 # A method whose output folder exists is skipped (delete the folder to redo it). Env
 # PEERS_MAX_SAMPLES_AWQ=N / PEERS_MAX_SAMPLES_GPTQ=N calibrate on the first N statistics samples only.
+# PEERS_THREADS=N: compute threads of the peer runs (default 1; 2 on a quiet 2-core machine).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 MODEL="$(cd "$1" && pwd)"; NAME="$2"; GS="$3"; shift 3
 METHODS=("$@"); [[ $# -eq 0 ]] && METHODS=(gptq awq)
 OUT="${PEERS_OUT:-/work/peers_out}"
+THREADS="${PEERS_THREADS:-1}"
 VENV="${SQPLUS_PEERS_VENV:-$HOME/.cache/sqplus-peers/venv}"
 mkdir -p "$OUT/logs" "$OUT/calib"
 bash "$REPO/benchmarks/peers/setup_peers.sh"
@@ -18,8 +20,8 @@ for m in "${METHODS[@]}"; do
   if [[ -d "$OUT/$NAME-$m" ]]; then echo "skip $NAME-$m (exists)"; continue; fi
   echo "$(date -u +%FT%TZ) start $NAME-$m"
   var="PEERS_MAX_SAMPLES_${m^^}"; extra=(); [[ -n "${!var:-}" ]] && extra=(--max-samples "${!var}")
-  OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" "$REPO/benchmarks/peers/run_peer.py" \
-    --model "$MODEL" --method "$m" --calib "$CALIB" --group-size "$GS" --out "$OUT/$NAME-$m" --threads 1 \
+  OMP_NUM_THREADS="$THREADS" TOKENIZERS_PARALLELISM=false "$VENV/bin/python" "$REPO/benchmarks/peers/run_peer.py" \
+    --model "$MODEL" --method "$m" --calib "$CALIB" --group-size "$GS" --out "$OUT/$NAME-$m" --threads "$THREADS" \
     "${extra[@]}" > "$OUT/logs/$NAME-$m.log" 2>&1
   echo "$(date -u +%FT%TZ) done $NAME-$m: $(tail -1 "$OUT/logs/$NAME-$m.log")"
   "$VENV/bin/python" "$REPO/benchmarks/peers/verify_dense.py" "$OUT/$NAME-$m" | tee "$OUT/$NAME-$m/verify_dense.json"
