@@ -315,3 +315,18 @@ def test_gptq_on_a_hessian_that_is_not_positive_definite_is_one_clear_error():
     h[0, 0] = 1.0  # no dead input; the damping (1% of a negative mean) cannot make it definite
     with pytest.raises(SqplusError, match="not positive definite"):
         gptq_quantize(w, h, 64, True, torch.bfloat16)
+
+
+def test_release_file_pages_frees_only_mapped_pages_of_a_dead_tensor_and_loses_nothing(tmp_path):
+    """gptq_model lets go of the replaced weights' pages in the memory-mapped checkpoint. The
+    helper releases only file-backed pages inside the tensor (an in-memory tensor: 0 bytes), and
+    what is read there afterwards is read back from the file: same values."""
+    from vllm_sqplus.checkpoint import load_full_precision, release_file_pages
+    src = save_tiny(tmp_path / "m", "llama", dtype=torch.float32)
+    model = load_full_precision(str(src))
+    w = model.model.layers[0].mlp.down_proj.weight.data
+    ref = w.clone()
+    assert release_file_pages(ref) == 0  # anonymous memory is never released
+    n = release_file_pages(w)
+    assert n > 0 and n <= w.numel() * w.element_size()
+    assert torch.equal(w, ref)

@@ -20,6 +20,46 @@ _SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings of weight files (Linux)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].strip().endswith(_WEIGHT_SUFFIXES):
+                    a, b = parts[0].split("-")
+                    out.append((int(a, 16), int(b, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def release_file_pages(t: torch.Tensor) -> int:
+    """Drop from this process's resident memory the pages of a tensor that is no longer used and
+    whose data lies in a memory-mapped weight file (a checkpoint loaded by safetensors' mmap):
+    after a layer's weights are replaced by new tensors, their mapped pages would otherwise stay
+    counted in the resident set until the whole file is unmapped. Only pages entirely inside the
+    tensor are released (madvise MADV_DONTNEED; a neighbour's pages are never touched), and a
+    file-backed page that is read again is read back from the file, so nothing can be lost.
+    Returns the bytes released (0 where the tensor is not file-backed, or off Linux)."""
+    import ctypes
+    import mmap
+    if t.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    if not any(a <= start and end <= b for a, b in _file_mappings()):
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (end // page) * page
+    if hi <= lo:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) == 0 else 0
+
+
 def read_config(model_dir: str | os.PathLike) -> dict:
     d = Path(model_dir)
     if not d.exists():

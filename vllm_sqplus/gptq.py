@@ -371,13 +371,18 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
 @torch.no_grad()
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
-               reproducible: bool = False, act_order: bool = True, true_sequential: bool = True):
-    """Quantize every decoder linear of `model` in place (weights become their dequantized INT4);
-    returns {module name: (q, scales, zeros)}.
+               reproducible: bool = False, act_order: bool = True, true_sequential: bool = True,
+               weights_dtype: torch.dtype | None = None):
+    """Quantize every decoder linear of `model` in place (weights become their dequantized INT4,
+    float32, or weights_dtype where given: the stored dtype for the smoothed form, which holds
+    them exactly there); returns {module name: (q, scales, zeros)}.
 
-    Layer by layer: the Hessians are collected on the quantized model's own stream, as GPTQ does."""
+    Layer by layer: the Hessians are collected on the quantized model's own stream, as GPTQ does.
+    A replaced weight's pages in a memory-mapped checkpoint are released as it goes
+    (checkpoint.release_file_pages), so the process holds one copy of the linears, not two."""
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.calibrate import LayerwiseModel
+    from vllm_sqplus.checkpoint import release_file_pages
     runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
     hs = runner.embed(calib_ids)
     out = {}
@@ -391,8 +396,12 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
                             true_sequential)
         stored = runner.layers[i]
         for name, t in qs.items():
-            get_module(stored, name).weight.data = get_module(layer, name).weight.detach().to(
-                get_module(stored, name).weight.device).clone()
+            w = get_module(stored, name).weight
+            old = w.data
+            w.data = get_module(layer, name).weight.detach().to(w.device, weights_dtype or torch.float32,
+                                                                 copy=True)
+            release_file_pages(old)
+            del old
             out[f"{arch.layers}.{i}.{name}"] = t
         del layer
     return out
@@ -466,7 +475,9 @@ def _run(args) -> int:
                           "has zero_point false)")
     qs = gptq_model(model, arch, ids, cfg.group_size, cfg.zero_point, store_dtype, args.device, progress=True,
                     reproducible=args.format == "smoothed", act_order=args.act_order,
-                    true_sequential=args.true_sequential)
+                    true_sequential=args.true_sequential,
+                    # float32 only for --dense-out, which writes the exact dequantized values
+                    weights_dtype=None if dense is not None else store_dtype)
     secs = time.perf_counter() - t0
     gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
                  "damp": 0.01, "act_order": bool(args.act_order),

@@ -173,6 +173,7 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
     """The GPTQ stage's weights into the smoothed model (each linear: its dequantized INT4 in the
     model's dtype), checked: plain RTN of what is stored gives back GPTQ's codes, scales and zeros."""
     from vllm_sqplus.arch import get_module
+    from vllm_sqplus.checkpoint import release_file_pages
     from vllm_sqplus.export import unpack_nibbles
     from vllm_sqplus.quant import dequantize_int4, quantize_int4
     layers = get_module(model, arch.layers)
@@ -180,8 +181,10 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
         for name, (packed, s, z) in qs.items():
             w = get_module(layer, name).weight
             codes = unpack_nibbles(packed)
-            with torch.no_grad():
-                w.copy_(dequantize_int4(codes, s, z, q.group_size, dtype=w.dtype))
+            old = w.data  # replaced, not written into: a mapped checkpoint's pages are let go
+            w.data = dequantize_int4(codes, s, z, q.group_size, dtype=w.dtype).to(w.device)
+            release_file_pages(old)
+            del old
             q2, s2, z2 = quantize_int4(w.detach(), q.group_size, q.zero_point, f"layers.{i}.{name}")
             if not (torch.equal(q2, codes) and torch.equal(s2, s) and torch.equal(z2, z)):
                 raise SqplusError(f"layers.{i}.{name}: the stored GPTQ weights do not quantize back "
