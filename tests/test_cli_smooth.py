@@ -262,3 +262,11 @@ def test_search_plot_takes_every_row_kind_the_search_writes(tmp_path):
             {"name": "rtn+gptq", "kind": "whole-model", "clip": False, "gptq": True, "kl": 0.041}]
     plot_search({"rows": rows, "group_size": 128, "chosen": "rtn+gptq"}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_gptq_range_search_without_act_order_is_one_error_before_any_work(tmp_path, calib_file, capsys):
+    src = save_tiny(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    _fails(capsys, ["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--gptq-range-search",
+                    "--no-gptq-act-order"], "--gptq-range-search goes with act-order")
+    assert not out.exists()

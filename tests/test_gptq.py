@@ -330,3 +330,40 @@ def test_release_file_pages_frees_only_mapped_pages_of_a_dead_tensor_and_loses_n
     n = release_file_pages(w)
     assert n > 0 and n <= w.numel() * w.element_size()
     assert torch.equal(w, ref)
+
+
+def test_group_range_search_is_exact_under_rtn_at_load_and_shrinks_outlier_groups():
+    """--range-search: each (row, group) range is the shrink with the least diag(H)-weighted
+    rounding error. Only the shrink 1.0 is plain min-max bit for bit; the result still survives the
+    plugin's RTN at load exactly; with one outlier per row, some ranges do shrink (smaller scales)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 128, generator=gen) * 0.02
+    w[:, 7] = 0.2  # an outlier in every row of group 0
+    w = w.to(torch.bfloat16)
+    x = torch.randn(512, 128, generator=gen)
+    h = x.T @ x
+    plain = gptq_quantize(w, h, 64, True, torch.bfloat16, reproducible=True, act_order=True)
+    same = gptq_quantize(w, h, 64, True, torch.bfloat16, reproducible=True, act_order=True, range_ratios=(1.0,))
+    assert all(torch.equal(a, b) for a, b in zip(plain, same))
+    q, s, z = gptq_quantize(w, h, 64, True, torch.bfloat16, reproducible=True, act_order=True,
+                            range_ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
+    stored = dequantize_int4(q, s, z, 64, dtype=torch.bfloat16)
+    q2, s2, z2 = quantize_int4(stored, 64)
+    assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
+    assert (s[:, 0].float() < plain[1][:, 0].float()).any()
+    with pytest.raises(SqplusError, match="act-order"):
+        gptq_quantize(w, h, 64, True, torch.bfloat16, reproducible=True, range_ratios=(1.0,))
+
+
+def test_sqplus_gptq_range_search_is_recorded_and_needs_act_order(tmp_path, capsys):
+    from vllm_sqplus.cli import main
+    src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
+    calib = tmp_path / "c.txt"
+    calib.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 200)
+    args = ["--format", "smoothed", "--calib", str(calib), "--samples", "4", "--seq-len", "32", "--group-size", "64"]
+    assert main(["gptq", str(src), "--out", str(tmp_path / "bad"), "--range-search", "--no-act-order", *args]) == 2
+    assert "--range-search goes with" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["gptq", str(src), "--out", str(tmp_path / "s"), "--range-search", *args]) == 0
+    qc = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
+    assert qc["gptq"]["range_ratios"][0] == 1.0 and qc["gptq"]["rtn_at_load_mismatches"] == 0

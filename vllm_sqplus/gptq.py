@@ -84,14 +84,17 @@ def _reproducible_group(lo: torch.Tensor, hi: torch.Tensor, store_dtype: torch.d
 
 
 def _group_range_params(grp: torch.Tensor, col0: int, zero_point: bool, store_dtype: torch.dtype,
-                        reproducible: bool):
+                        reproducible: bool, shrink: torch.Tensor | None = None):
     """A group's quantization from its weights grp [N, g] (columns col0 .. col0+g-1) ->
     (s32, z, s_stored, pin_lo, pin_hi): pin_lo / pin_hi [N] are the columns given the codes 0 / 15
-    in the reproducible form (-1: none, where the group's range ends at 0), else None."""
+    in the reproducible form (-1: none, where the group's range ends at 0), else None.
+    shrink [N]: the range clipped to shrink x (min, max) per row (zero point, reproducible only)."""
     if not reproducible:
         s32, z, s_st = _group_params(grp, zero_point, store_dtype)
         return s32, z, s_st, None, None
     hi, lo = grp.amax(-1).clamp(min=0), grp.amin(-1).clamp(max=0)
+    if shrink is not None:
+        hi, lo = hi * shrink, lo * shrink
     s32, z, s_st, _ = _reproducible_group(lo.to(store_dtype).float(), hi.to(store_dtype).float(), store_dtype)
     pin_lo = torch.where(z > 0, col0 + grp.argmin(-1), -1)
     pin_hi = torch.where(z < 15, col0 + grp.argmax(-1), -1)
@@ -117,10 +120,31 @@ def _inverse_upper_cholesky(box: list) -> torch.Tensor:
     return Linv.flip(0, 1)
 
 
+def _searched_group_range(grp: torch.Tensor, col0: int, d: torch.Tensor, store_dtype: torch.dtype,
+                          ratios: tuple[float, ...]):
+    """_group_range_params (reproducible form) of the per-row range shrink in `ratios` with the
+    least input-energy-weighted rounding error sum_j d_j (w_j - deq(q(w_j)))^2 (d [g]: diag(H) of
+    the group's columns), GPTQ's "mse" range on the weights as given (static groups)."""
+    n = grp.shape[0]
+    best_err = torch.full((n,), float("inf"))
+    best = None
+    for r in ratios:
+        sh = torch.full((n,), float(r))
+        s32, z, s_st, plo, phi = _group_range_params(grp, col0, True, store_dtype, True, shrink=sh)
+        q = (torch.round(grp / s32[:, None]) + z[:, None]).clamp(0, 15)
+        err = (((q - z[:, None]) * s32[:, None] - grp).pow(2) * d[None, :]).sum(-1)
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        cur = (s32, z, s_st, plo, phi)
+        best = cur if best is None else tuple(torch.where(take, c, b) for c, b in zip(cur, best))
+    return best
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h, group_size: int, zero_point: bool = True,
                   store_dtype: torch.dtype = torch.bfloat16, block: int = 128, damp: float = 0.01,
-                  reproducible: bool = False, act_order: bool = False):
+                  reproducible: bool = False, act_order: bool = False,
+                  range_ratios: tuple[float, ...] | None = None):
     """GPTQ of w [N, K] with input Hessian h [K, K] -> (q uint8 [N, K], scales [N, K/g] store_dtype,
     zeros uint8 [N, K/g]); dequantize_int4 of the result is the layer's new weight.
 
@@ -137,11 +161,17 @@ def gptq_quantize(w: torch.Tensor, h, group_size: int, zero_point: bool = True,
     plain contiguous ones (no g_idx; llm-compressor's actorder "static"). Without it, a group's
     parameters come from its weights as updated when GPTQ reaches the group's first column.
 
+    range_ratios (act_order and reproducible only): each (row, group) range is the shrink among
+    these with the least diag(H)-weighted rounding error of the weights as given
+    (_searched_group_range); None: the plain min-max range.
+
     h may also be a one-element list [H] (float32): H is then taken out of the list and overwritten,
     so a caller that holds no other reference does not keep a K x K copy alive meanwhile.
     """
     if reproducible and not zero_point:
         raise SqplusError("GPTQ in the RTN-reproducible form needs the zero-point scheme")
+    if range_ratios is not None and not act_order:
+        raise SqplusError("GPTQ's range search goes with act-order (static groups)")
     n, k = w.shape
     g = check_group_size(k, group_size)
     W = w.float().clone()
@@ -155,9 +185,16 @@ def gptq_quantize(w: torch.Tensor, h, group_size: int, zero_point: bool = True,
     perm = None
     if act_order:
         S32, Z, PLO, PHI = [], [], [], []
+        if range_ratios is not None and not reproducible:
+            raise SqplusError("GPTQ's range search needs the RTN-reproducible form")
+        dH = torch.diag(H)
         for gi in range(k // g):
-            s32, z, s_st, plo, phi = _group_range_params(W[:, gi * g:(gi + 1) * g], gi * g, zero_point,
-                                                         store_dtype, reproducible)
+            if range_ratios is not None:
+                s32, z, s_st, plo, phi = _searched_group_range(W[:, gi * g:(gi + 1) * g], gi * g,
+                                                               dH[gi * g:(gi + 1) * g], store_dtype, range_ratios)
+            else:
+                s32, z, s_st, plo, phi = _group_range_params(W[:, gi * g:(gi + 1) * g], gi * g, zero_point,
+                                                             store_dtype, reproducible)
             scales[:, gi], zeros[:, gi] = s_st, z.to(torch.uint8)
             S32.append(s32), Z.append(z), PLO.append(plo), PHI.append(phi)
         S32, Z = torch.stack(S32, 1), torch.stack(Z, 1)
@@ -235,7 +272,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, reproducible: bool = False, act_order: bool = False,
-               true_sequential: bool = False):
+               true_sequential: bool = False, range_ratios: tuple[float, ...] | None = None):
     """GPTQ of every linear of one decoder layer (on the device) in place -> ({linear: (q, s, z)},
     the quantized layer's output stream hs').
 
@@ -265,7 +302,7 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
         if name in out:
             raise SqplusError(f"GPTQ: {name} runs twice in one decoder layer's forward; unsupported model code")
         q, s, z = gptq_quantize(mod.weight.to(store_dtype), h, group_size, zero_point, store_dtype,
-                                reproducible=reproducible, act_order=act_order)
+                                reproducible=reproducible, act_order=act_order, range_ratios=range_ratios)
         mod.weight.copy_(dequantize_int4(q, s, z, group_size, dtype=torch.float32).to(mod.weight.device))
         out[name] = (q, s, z)
 
@@ -372,7 +409,7 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
 def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point: bool,
                store_dtype: torch.dtype, device: str = "cpu", batch_size: int = 4, progress: bool = False,
                reproducible: bool = False, act_order: bool = True, true_sequential: bool = True,
-               weights_dtype: torch.dtype | None = None):
+               weights_dtype: torch.dtype | None = None, range_ratios: tuple[float, ...] | None = None):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4,
     float32, or weights_dtype where given: the stored dtype for the smoothed form, which holds
     them exactly there); returns {module name: (q, scales, zeros)}.
@@ -393,7 +430,7 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
     for i in it:
         layer = runner.layer_on_device(i)
         qs, hs = gptq_layer(layer, arch, runner, hs, group_size, zero_point, store_dtype, reproducible, act_order,
-                            true_sequential)
+                            true_sequential, range_ratios)
         stored = runner.layers[i]
         for name, t in qs.items():
             w = get_module(stored, name).weight
@@ -407,8 +444,16 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
     return out
 
 
+RANGE_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(9))  # 1.0 .. 0.8
+
+
+def range_ratios_of(on: bool) -> tuple[float, ...] | None:
+    return RANGE_RATIOS if on else None
+
+
 def add_order_args(p, prefix: str = "") -> None:
-    """--{prefix}act-order and --{prefix}true-sequential (each with its --no- form): the GPTQ options
+    """--{prefix}act-order and --{prefix}true-sequential (each with its --no- form) and
+    --{prefix}range-search: the GPTQ options
     of `sqplus gptq` (no prefix) and of `sqplus smooth`'s GPTQ stage (prefix "gptq-"). Both on by
     default: on SmolLM2 and Qwen-0.5B together they gave the lowest held-out KL and code perplexity
     of the three orders measured (benchmarks/results/accuracy.md), in one forward per layer."""
@@ -419,6 +464,9 @@ def add_order_args(p, prefix: str = "") -> None:
                    help="one forward per layer, each linear quantized from the input the quantized linears "
                         "before it give it; --no-...: all of a layer's Hessians from the layer as given, "
                         "then a second forward (GPTQ's usual order); default on")
+    p.add_argument(f"--{prefix}range-search", action="store_true",
+                   help="each group's range: the shrink (1.0 .. 0.8) with the least input-energy-weighted "
+                        "rounding error, instead of min-max (act-order, RTN-reproducible form; off by default)")
 
 
 def add_parser(subparsers) -> None:
@@ -458,6 +506,8 @@ def _run(args) -> int:
     cfg = parse_config(dict(qc_in or {}, **({"group_size": args.group_size} if args.group_size else {})), env={})
     arch = get_arch(SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
     check_group_size_for_config(raw, cfg.group_size)
+    if args.range_search and (args.format != "smoothed" or not args.act_order):
+        raise SqplusError("--range-search goes with --format smoothed and act-order (not --no-act-order)")
     if args.format == "smoothed" and args.dense_out:
         raise SqplusError("--dense-out goes with --format packed (the smoothed form is itself dense)")
     out = check_output_dir(args.model, args.out, args.overwrite)
@@ -477,11 +527,14 @@ def _run(args) -> int:
                     reproducible=args.format == "smoothed", act_order=args.act_order,
                     true_sequential=args.true_sequential,
                     # float32 only for --dense-out, which writes the exact dequantized values
-                    weights_dtype=None if dense is not None else store_dtype)
+                    weights_dtype=None if dense is not None else store_dtype,
+                    range_ratios=range_ratios_of(args.range_search))
     secs = time.perf_counter() - t0
     gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
                  "damp": 0.01, "act_order": bool(args.act_order),
-                 "true_sequential": bool(args.true_sequential), "seconds": round(secs, 1)}
+                 "true_sequential": bool(args.true_sequential),
+                 **({"range_ratios": list(RANGE_RATIOS)} if args.range_search else {}),
+                 "seconds": round(secs, 1)}
 
     def write_smoothed(tmp: Path) -> None:
         from vllm_sqplus.checkpoint import save_model

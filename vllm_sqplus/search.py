@@ -96,6 +96,7 @@ class SearchOptions:
     gptq: bool = False                  # a last GPTQ stage in the RTN-reproducible form, kept if it wins
     gptq_act_order: bool = True         # that stage with activation order (static groups)
     gptq_true_sequential: bool = True   # that stage in true-sequential order (one forward per layer)
+    gptq_range_ratios: tuple[float, ...] | None = None  # that stage's group-range search (act-order only)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False
@@ -543,7 +544,8 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
         qs, hs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
-                            act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential)
+                            act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
+                            range_ratios=opts.gptq_range_ratios)
         for name, (qq, sc, zz) in qs.items():  # what the checkpoint will hold, quantized by the plugin
             w = get_module(work, name).weight.to(q.store_dtype)
             q2, s2, z2 = quantize_int4(w, q.group_size, q.zero_point)

@@ -100,6 +100,8 @@ def validate(args):
         raise SqplusError("--samples, --heldout and --fit-samples must be >= 1 and --seq-len >= 8")
     if args.alpha_step is not None and not 0 < args.alpha_step <= 0.5:
         raise SqplusError(f"--alpha-step must lie in (0, 0.5], got {args.alpha_step}")
+    if args.gptq_range_search and not args.gptq_act_order:
+        raise SqplusError("--gptq-range-search goes with act-order (drop --no-gptq-act-order)")
     # (also covers --lm-head int4: the lm_head's in_features are hidden_size, like q_proj's)
     check_group_size_for_config(read_config(args.model_dir), args.group_size)  # folder, config.json
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -109,6 +111,7 @@ def validate(args):
 
 
 def search_options(args, alpha):
+    from vllm_sqplus.gptq import range_ratios_of
     from vllm_sqplus.search import SearchOptions
     fixed = alpha != "auto"
     grid = None
@@ -122,7 +125,8 @@ def search_options(args, alpha):
                          refine=not args.no_refine and not fixed, fit_samples=args.fit_samples,
                          fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
-                         gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential)
+                         gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
+                         gptq_range_ratios=range_ratios_of(args.gptq_range_search))
 
 
 def run(args) -> int:
@@ -206,7 +210,8 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
         "gptq": chosen.endswith("+gptq"),
-        **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential)}
+        **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
+            "gptq_range_search": bool(args.gptq_range_search)}
            if chosen.endswith("+gptq") else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
