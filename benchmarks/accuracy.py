@@ -178,6 +178,15 @@ def producer_record(kind: str, path) -> dict | None:
             rec["date"] = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(
                 timespec="seconds") + " (file mtime)"
         return rec
+    # `sqplus gptq --format smoothed` straight on a full-precision checkpoint: its own record
+    cfg = path / "config.json"
+    g = (json.loads(cfg.read_text()).get("quantization_config") or {}).get("gptq") if (
+        kind == "smoothed" and cfg.is_file()) else None
+    if isinstance(g, dict) and g.get("seconds") is not None:
+        return {"file": str(cfg), "method": "sqplus gptq", "seconds": g["seconds"],
+                "peak_rss_gib": g.get("peak_rss_gib"), "gptq": g,
+                "date": datetime.datetime.fromtimestamp(cfg.stat().st_mtime, datetime.timezone.utc).isoformat(
+                    timespec="seconds") + " (file mtime)"}
     return None
 
 

@@ -187,3 +187,16 @@ def test_smoothed_is_fake_quantized_at_eval(fp_dir, tmp_path):
     md = table.render(table.load_results(tmp_path), humaneval={})
     row = next(ln for ln in md.splitlines() if ln.startswith("| SQ+ default"))
     assert "1.5 min" in row and "100%" in row
+
+
+def test_producer_of_a_sqplus_gptq_smoothed_checkpoint_is_its_own_record(tmp_path):
+    """`sqplus gptq --format smoothed` on a full-precision checkpoint writes no search table: its
+    time and peak RSS come from the config's gptq record; a folder with neither has no producer."""
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "smoothquant_plus", "gptq": {"seconds": 1489.0, "peak_rss_gib": 5.1}}}))
+    p = acc.producer_record("smoothed", d)
+    assert p["seconds"] == 1489.0 and p["peak_rss_gib"] == 5.1 and p["method"] == "sqplus gptq"
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "smoothquant_plus"}}))
+    assert acc.producer_record("smoothed", d) is None

@@ -20,6 +20,12 @@ _SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far, GiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed memory mappings of weight files (Linux)."""
     out = []

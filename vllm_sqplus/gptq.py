@@ -494,7 +494,7 @@ def _run(args) -> int:
     from vllm_sqplus.arch import get_arch
     from vllm_sqplus.calib import calibration_ids
     from vllm_sqplus.checkpoint import (check_finite, check_group_size_for_config, check_output_dir,
-                                        copy_side_files, load_full_precision, read_config,
+                                        copy_side_files, load_full_precision, peak_rss_gib, read_config,
                                         write_checkpoint_atomic)
     from vllm_sqplus.config import SqplusConfig, parse_config
     from vllm_sqplus.export import pack_nibbles
@@ -547,6 +547,7 @@ def _run(args) -> int:
             q2, s2, z2 = quantize_int4(w, cfg.group_size, True, mod)
             mismatched += int((q2 != q).sum()) + int((s2 != s).sum()) + int((z2 != z).sum())
         gptq_info["rtn_at_load_mismatches"] = mismatched
+        gptq_info["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the process so far: load, GPTQ, this check
         extra = dict(qc_in or {})
         extra["gptq"] = dict(gptq_info, form="smoothed: dequantized GPTQ weights, exact under RTN at load")
         qcfg = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point, lm_head=cfg.lm_head,
@@ -579,6 +580,7 @@ def _run(args) -> int:
         copy_side_files(args.model, tmp)
         new = dict(raw)
         extra = dict(qc_in or {})
+        gptq_info["peak_rss_gib"] = round(peak_rss_gib(), 3)
         extra["gptq"] = gptq_info
         new["quantization_config"] = SqplusConfig(group_size=cfg.group_size, zero_point=cfg.zero_point,
                                                   lm_head=cfg.lm_head, format="packed").to_dict(extra=extra)

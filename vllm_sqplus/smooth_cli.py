@@ -168,11 +168,6 @@ def run(args) -> int:
     return 0
 
 
-def _peak_rss_gib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def apply_gptq(model, arch, per_layer: list, q) -> None:
     """The GPTQ stage's weights into the smoothed model (each linear: its dequantized INT4 in the
     model's dtype), checked: plain RTN of what is stored gives back GPTQ's codes, scales and zeros."""
@@ -198,7 +193,7 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
 def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) -> None:
     """The smoothed checkpoint, its quantization_config, the search table, plot and statistics."""
     from vllm_sqplus.arch import get_arch
-    from vllm_sqplus.checkpoint import save_model, write_checkpoint_atomic
+    from vllm_sqplus.checkpoint import peak_rss_gib, save_model, write_checkpoint_atomic
     from vllm_sqplus.config import SqplusConfig
     arch = get_arch(model.config)
     rows = {r["name"]: r for r in res.table}
@@ -231,7 +226,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
              "chosen_alpha": extra["alpha"], "paper_alpha": res.paper.alpha,
              "fp": res.fp_row, "rows": res.table, "layers": per_layer, "layer_log": res.layer_log,
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
-             "seconds": res.seconds, "peak_rss_gib": round(_peak_rss_gib(), 3),
+             "seconds": res.seconds, "peak_rss_gib": round(peak_rss_gib(), 3),
              "command": " ".join(["sqplus", *sys.argv[1:]]) if sys.argv and "sqplus" in sys.argv[0] else None,
              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
              "threads": torch.get_num_threads()}
