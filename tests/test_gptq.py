@@ -235,8 +235,9 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
     given (`before`) and of the layer gptq_layer left, all linears quantized (`seen`). Each linear's
     codes must be exactly gptq_quantize(its original weight, x^T x) of `seen` in true-sequential
     order (every Hessian saw the quantized linears before it) and of `before` in the usual order
-    (summed per batch of 2 samples, as the layer runs; down_proj's in true-sequential order too, as
-    the MLP runs); the returned stream must be the quantized layer's output."""
+    (summed per batch of 2 samples, as the layer runs; o_proj's and down_proj's in true-sequential
+    order too, as the attention and the MLP run); the returned stream must be the quantized
+    layer's output."""
     import copy
     from vllm_sqplus.arch import get_arch, get_module
     from vllm_sqplus.calibrate import LayerwiseModel
@@ -260,16 +261,18 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
         return seen, res[0] if isinstance(res, tuple) else res
 
     before, _ = inputs(copy.deepcopy(layer))
-    gate_rows = []  # samples per call of gate_proj while gptq_layer runs
-    spy = get_module(layer, "mlp.gate_proj").register_forward_pre_hook(
-        lambda m, a: gate_rows.append(a[0].shape[0]))
+    rows = {"mlp.gate_proj": [], "self_attn.q_proj": []}  # samples per call while gptq_layer runs
+    spies = [get_module(layer, n).register_forward_pre_hook(lambda m, a, n=n: rows[n].append(a[0].shape[0]))
+             for n in rows]
     qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
                          true_sequential=true_sequential)
-    spy.remove()
+    for sp in spies:
+        sp.remove()
     if true_sequential:
-        # the MLP ran in batches of 2 samples (3 batches of the 5): one pass collecting down_proj's
-        # input, then the first batch again to check the MLP's output is down_proj's (no third pass)
-        assert gate_rows == [2, 2, 1, 2]
+        # the attention and the MLP ran in batches of 2 samples (3 batches of the 5): one pass
+        # collecting o_proj's (down_proj's) input, then the first batch again to check the
+        # sub-module's output is that linear's (no third pass)
+        assert rows["mlp.gate_proj"] == [2, 2, 1, 2] and rows["self_attn.q_proj"] == [2, 2, 1, 2]
     seen, again = inputs(layer)
     ref_out = runner.run_layer(copy.deepcopy(layer), hs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -282,7 +285,7 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
         c = inputs[n].reshape(hs.shape[0], -1, inputs[n].shape[-1])
         # per batch of 2 samples summed (the usual order's batches; in true-sequential order the
         # MLP's batches give down_proj's), else one product over every sample
-        batched = not true_sequential or n == "mlp.down_proj"
+        batched = not true_sequential or n in ("mlp.down_proj", "self_attn.o_proj")
         h = sum(b.reshape(-1, b.shape[-1]).T @ b.reshape(-1, b.shape[-1]) for b in c.split(2)) \
             if batched else inputs[n].T @ inputs[n]
         return gptq_quantize(orig[n].to(torch.bfloat16), h, 32, True, torch.bfloat16, reproducible=True)

@@ -282,15 +282,15 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
     quantized in a pre-hook just before it runs, from the Hessian of the input it receives then,
     so every Hessian sees the already quantized linears before it, and the forward's output is hs'.
 
-    Memory in true-sequential order: the MLP (the module holding the layer's last linear) runs in
-    batches of the runner's batch size, so its wide intermediates exist for one batch at a time
-    but for the down projection's input, which is kept whole (its Hessian needs every sample):
-    the linears that take the MLP's input are quantized from the whole input's Hessian before
-    the first batch; a pass over the batches collects the next linear's input and stops there;
-    that linear is quantized (its Hessian summed over the batches), and its output on what was
-    collected is the MLP's output (checked
-    bit for bit on the first batch against the MLP's own forward, which is run instead where it
-    differs)."""
+    Memory in true-sequential order: each sub-module holding linears (the attention, the MLP)
+    runs in batches of the runner's batch size, so its intermediates (attention scores, the MLP's
+    wide activations) exist for one batch at a time, but for the input of its last linear (o_proj,
+    down_proj), which is kept whole (its Hessian needs every sample): the linears that take the
+    sub-module's input are quantized from the whole input's Hessian before the first batch; a
+    pass over the batches collects the next linear's input and stops there; that linear is
+    quantized (its Hessian summed over the batches), and its output on what was collected is the
+    sub-module's output (checked bit for bit on the first batch against the sub-module's own
+    forward, which is run instead where it differs)."""
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.quant import dequantize_int4
     out: dict = {}
@@ -306,25 +306,31 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
         mod.weight.copy_(dequantize_int4(q, s, z, group_size, dtype=torch.float32).to(mod.weight.device))
         out[name] = (q, s, z)
 
-    tail_path = arch.linears[-1].rpartition(".")[0] if true_sequential else ""
-    tail_names = {n for n in arch.linears if n.startswith(tail_path + ".")} if tail_path else set()
-    tail: dict = {}
+    # true-sequential: every sub-module holding linears (self_attn, mlp) runs in batches, staged
+    groups = {}
+    if true_sequential:
+        for n in arch.linears:
+            parent = n.rpartition(".")[0]
+            if parent:
+                groups[n] = parent
+    states: dict = {p: {} for p in set(groups.values())}
 
-    def tail_hook(mod, x_in, name):
+    def staged_hook(mod, x_in, name):
+        st = states[groups[name]]
         if name in out:
             return
         x0 = x_in.detach()
-        if x_in is tail["x"]:  # the MLP's own input: the Hessian of the whole input
-            if tail.get("h") is None:
-                tail["h"] = gram(tail["whole"].reshape(-1, x0.shape[-1]).float())
-            quantize(mod, name, tail["h"])
+        if x_in is st["x"]:  # the sub-module's own input: the Hessian of the whole input
+            if st.get("h") is None:
+                st["h"] = gram(st["whole"].reshape(-1, x0.shape[-1]).float())
+            quantize(mod, name, st["h"])
             return
-        tail.update(target=(name, mod), p=x0)  # a derived input: collect it, end the batch
+        st.update(target=(name, mod), p=x0)  # a derived input: collect it, end the batch
         raise _Stop
 
     def hook(mod, args, name):
-        if name in tail_names:
-            return tail_hook(mod, args[0], name)
+        if name in groups:
+            return staged_hook(mod, args[0], name)
         # q/k/v (gate/up) are called with the same tensor object (not merely equal): one Hessian
         shared = last.get("x") is args[0]
         if not shared:
@@ -339,49 +345,72 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
         else:
             hess[name] = last["h"]
 
-    def tail_forward(x, *args, **kwargs):
-        whole = x.detach()
-        batches = x.split(runner.batch_size)
-        tail.update(whole=whole, h=None)
+    def _joined(outs: list):
+        """The batches' outputs as one: tensors concatenated; a tuple's first element likewise,
+        its other elements None (attention weights not returned), anything else unsupported."""
+        if isinstance(outs[0], tuple):
+            if any(v is not None for o in outs for v in o[1:]):
+                raise SqplusError("GPTQ (true-sequential): a sub-module returns more than its hidden "
+                                  "states; unsupported model code")
+            return (torch.cat([o[0] for o in outs]), *outs[0][1:])
+        return torch.cat(outs)
 
-        def call(xb):
-            tail["x"] = xb
-            return orig(xb, *args, **kwargs)
+    def staged_forward(path, orig):
+        st = states[path]
 
-        while True:
-            tail["target"], collected, outs = None, [], []
-            for xb in batches:
+        def forward(*args, **kwargs):
+            if args:
+                x = args[0]
+
+                def call(xb):
+                    st["x"] = xb
+                    return orig(xb, *args[1:], **kwargs)
+            else:  # HF passes the attention its input by keyword
+                key = "hidden_states" if "hidden_states" in kwargs else "x"
+                x = kwargs[key]
+
+                def call(xb):
+                    st["x"] = xb
+                    return orig(**{**kwargs, key: xb})
+            batches = x.split(runner.batch_size)
+            st.update(whole=x.detach(), h=None)
+            while True:
+                st["target"], collected, outs = None, [], []
+                for xb in batches:
+                    try:
+                        outs.append(call(xb))
+                    except _Stop:
+                        collected.append(st["p"])
+                if st["target"] is None:
+                    return _joined(outs)
+                name, mod = st["target"]
+                st.pop("p")
+                h = None  # summed over the batches: no copy of the collected input as one tensor
+                for p in collected:
+                    hp = gram(p.reshape(-1, p.shape[-1]).float())
+                    h = hp if h is None else h.add_(hp)
+                    del hp
+                box = [h]
+                del h
+                quantize(mod, name, box)
+                st["h"] = None
                 try:
-                    outs.append(call(xb))
-                except _Stop:
-                    collected.append(tail["p"])
-            if tail["target"] is None:
-                return torch.cat(outs)
-            name, mod = tail["target"]
-            tail.pop("p")
-            h = None  # summed over the batches: no copy of the collected input as one tensor
-            for p in collected:
-                hp = gram(p.reshape(-1, p.shape[-1]).float())
-                h = hp if h is None else h.add_(hp)
-                del hp
-            box = [h]
-            del h
-            quantize(mod, name, box)
-            tail["h"] = None
-            try:
-                y0 = call(batches[0])
-            except _Stop:  # another linear's input to collect first
-                continue
-            if torch.equal(y0, mod(collected[0])):  # the MLP's output is that linear's output
-                return torch.cat([y0, *[mod(p) for p in collected[1:]]])
+                    y0 = call(batches[0])
+                except _Stop:  # another linear's input to collect first
+                    continue
+                first = y0[0] if isinstance(y0, tuple) else y0
+                rest_none = not isinstance(y0, tuple) or all(v is None for v in y0[1:])
+                if rest_none and torch.equal(first, mod(collected[0])):  # its output is that linear's
+                    joined = torch.cat([first, *[mod(p) for p in collected[1:]]])
+                    return (joined, *y0[1:]) if isinstance(y0, tuple) else joined
+        return forward
 
     for name in arch.linears:
         hooks.append(get_module(layer, name).register_forward_pre_hook(
             lambda m, a, name=name: hook(m, a, name)))
-    tail_mod = get_module(layer, tail_path) if tail_names else None
-    if tail_mod is not None:
-        orig = tail_mod.forward
-        tail_mod.forward = tail_forward
+    wrapped = [get_module(layer, p) for p in states]
+    for path, m in zip(states, wrapped):
+        m.forward = staged_forward(path, m.forward)
     try:
         if true_sequential:
             res = layer(hs, **runner._capture_kwargs(hs.shape[1]))
@@ -391,10 +420,10 @@ def gptq_layer(layer, arch, runner, hs: torch.Tensor, group_size: int, zero_poin
     finally:
         for hk in hooks:
             hk.remove()
-        if tail_mod is not None:
-            del tail_mod.forward
+        for m in wrapped:
+            del m.forward
         last.clear()
-        tail.clear()
+        states.clear()
     missing = [n for n in arch.linears if n not in (out if true_sequential else hess)]
     if missing:
         raise SqplusError(f"GPTQ: {', '.join(missing)} never ran in the decoder layer's forward")
