@@ -322,8 +322,9 @@ def test_gptq_on_a_hessian_that_is_not_positive_definite_is_one_clear_error():
 
 def test_release_file_pages_frees_only_mapped_pages_of_a_dead_tensor_and_loses_nothing(tmp_path):
     """gptq_model lets go of the replaced weights' pages in the memory-mapped checkpoint. The
-    helper releases only file-backed pages inside the tensor (an in-memory tensor: 0 bytes), and
-    what is read there afterwards is read back from the file: same values."""
+    helper releases only file-backed pages inside the tensor (an in-memory tensor: 0 bytes), what
+    is read there afterwards is read back from the file (same values), and pages written in place
+    since loading are never released (the written values stay)."""
     from vllm_sqplus.checkpoint import load_full_precision, release_file_pages
     src = save_tiny(tmp_path / "m", "llama", dtype=torch.float32)
     model = load_full_precision(str(src))
@@ -333,6 +334,12 @@ def test_release_file_pages_frees_only_mapped_pages_of_a_dead_tensor_and_loses_n
     n = release_file_pages(w)
     assert n > 0 and n <= w.numel() * w.element_size()
     assert torch.equal(w, ref)
+    # a weight written in place (its pages are private copies now) keeps what was written
+    v = model.model.layers[1].mlp.down_proj.weight.data
+    v.add_(1.0)
+    written = v.clone()
+    assert release_file_pages(v) == 0
+    assert torch.equal(v, written)
 
 
 def test_group_range_search_is_exact_under_rtn_at_load_and_shrinks_outlier_groups():

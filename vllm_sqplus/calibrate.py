@@ -80,8 +80,14 @@ class LayerwiseModel:
 
     # -- layers ---------------------------------------------------------------------------------
     def layer_on_device(self, i: int) -> nn.Module:
-        """A float copy of decoder layer i on the device (the stored model is left untouched)."""
-        return copy.deepcopy(self.layers[i]).to(self.device, self.dtype)
+        """A float copy of decoder layer i on the device (the stored model is left untouched). The
+        stored layer's pages in a memory-mapped checkpoint are let go once copied (read back from
+        the file when next needed), so a pass over the layers holds about one layer of the file."""
+        from vllm_sqplus.checkpoint import release_file_pages
+        work = copy.deepcopy(self.layers[i]).to(self.device, self.dtype)
+        for p in self.layers[i].parameters():
+            release_file_pages(p.data)
+        return work
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, hs: torch.Tensor) -> torch.Tensor:

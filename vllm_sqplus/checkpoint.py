@@ -41,13 +41,32 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _file_page_runs(lo: int, n: int, page: int) -> list[tuple[int, int]]:
+    """(first page address, page count) runs among the n pages from address lo that are resident
+    and still file pages (/proc/self/pagemap bit 61): a page written since the mapping was made is
+    a private anonymous copy (bit 61 clear) and is never in a run. [] where pagemap is unreadable."""
+    import numpy as np
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo // page * 8)
+            e = np.frombuffer(f.read(n * 8), dtype=np.uint64)
+    except OSError:
+        return []
+    if e.size != n:
+        return []
+    ok = ((e >> np.uint64(61)) & np.uint64(1)).astype(bool)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], ok.view(np.int8), [0]))))
+    return [(lo + int(s0) * page, int(s1 - s0)) for s0, s1 in zip(edges[::2], edges[1::2])]
+
+
 def release_file_pages(t: torch.Tensor) -> int:
-    """Drop from this process's resident memory the pages of a tensor that is no longer used and
-    whose data lies in a memory-mapped weight file (a checkpoint loaded by safetensors' mmap):
-    after a layer's weights are replaced by new tensors, their mapped pages would otherwise stay
-    counted in the resident set until the whole file is unmapped. Only pages entirely inside the
-    tensor are released (madvise MADV_DONTNEED; a neighbour's pages are never touched), and a
-    file-backed page that is read again is read back from the file, so nothing can be lost.
+    """Drop from this process's resident memory the pages of a tensor whose data lies in a
+    memory-mapped weight file (a checkpoint loaded by safetensors' mmap) and that are still the
+    file's own pages: after a layer's weights are copied or replaced, their mapped pages would
+    otherwise stay counted in the resident set until the whole file is unmapped. Safe for a tensor
+    still in use: a file page dropped is read back from the file when touched again (same bytes),
+    a page written since loading (a private copy, told apart by /proc/self/pagemap) is never
+    dropped, and only pages wholly inside the tensor are considered (madvise MADV_DONTNEED).
     Returns the bytes released (0 where the tensor is not file-backed, or off Linux)."""
     import ctypes
     import mmap
@@ -63,7 +82,11 @@ def release_file_pages(t: torch.Tensor) -> int:
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) == 0 else 0
+    freed = 0
+    for addr, count in _file_page_runs(lo, (hi - lo) // page, page):
+        if libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(count * page), mmap.MADV_DONTNEED) == 0:
+            freed += count * page
+    return freed
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
@@ -126,9 +149,13 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "auto"):
 
 
 def check_finite(model, model_dir) -> None:
+    """Every weight finite, else one error naming it. Reading a memory-mapped checkpoint through
+    makes all of it resident: each weight's file pages are let go once checked
+    (release_file_pages), so the check leaves the process as small as the load did."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise SqplusError(f"{model_dir}: weight {name} contains NaN or Inf")
+        release_file_pages(p.data)
 
 
 def check_group_size_for_config(raw: dict, group_size: int) -> None:
