@@ -441,7 +441,7 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
                weights_dtype: torch.dtype | None = None, range_ratios: tuple[float, ...] | None = None):
     """Quantize every decoder linear of `model` in place (weights become their dequantized INT4,
     float32, or weights_dtype where given: the stored dtype for the smoothed form, which holds
-    them exactly there); returns {module name: (q, scales, zeros)}.
+    them exactly there); returns {module name: (packed codes (export.pack_nibbles), scales, zeros)}.
 
     Layer by layer: the Hessians are collected on the quantized model's own stream, as GPTQ does.
     A replaced weight's pages in a memory-mapped checkpoint are released as it goes
@@ -449,6 +449,7 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.calibrate import LayerwiseModel
     from vllm_sqplus.checkpoint import release_file_pages
+    from vllm_sqplus.export import pack_nibbles
     runner = LayerwiseModel(model, arch, device, batch_size=batch_size)
     hs = runner.embed(calib_ids)
     out = {}
@@ -468,7 +469,8 @@ def gptq_model(model, arch, calib_ids: torch.Tensor, group_size: int, zero_point
                                                                  copy=True)
             release_file_pages(old)
             del old
-            out[f"{arch.layers}.{i}.{name}"] = t
+            q, sc, zz = t
+            out[f"{arch.layers}.{i}.{name}"] = (pack_nibbles(q), sc, zz)  # two codes a byte
         del layer
     return out
 
@@ -526,7 +528,7 @@ def _run(args) -> int:
                                         copy_side_files, load_full_precision, peak_rss_gib, read_config,
                                         write_checkpoint_atomic)
     from vllm_sqplus.config import SqplusConfig, parse_config
-    from vllm_sqplus.export import pack_nibbles
+    from vllm_sqplus.export import unpack_nibbles
     t0 = time.perf_counter()
     raw = read_config(args.model)
     qc_in = raw.get("quantization_config")
@@ -571,10 +573,10 @@ def _run(args) -> int:
         model.to(store_dtype)
         # the promise of this form, checked on what is written: RTN at load gives GPTQ's quantization
         mismatched = 0
-        for mod, (q, s, z) in qs.items():
+        for mod, (packed, s, z) in qs.items():
             w = get_module(model, mod).weight
             q2, s2, z2 = quantize_int4(w, cfg.group_size, True, mod)
-            mismatched += int((q2 != q).sum()) + int((s2 != s).sum()) + int((z2 != z).sum())
+            mismatched += int((q2 != unpack_nibbles(packed)).sum()) + int((s2 != s).sum()) + int((z2 != z).sum())
         gptq_info["rtn_at_load_mismatches"] = mismatched
         gptq_info["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the process so far: load, GPTQ, this check
         extra = dict(qc_in or {})
@@ -599,8 +601,8 @@ def _run(args) -> int:
         for name, t in sd.items():
             mod = name[: -len(".weight")] if name.endswith(".weight") else None
             if mod in qs:
-                q, s, z = qs[mod]
-                tensors[f"{mod}.qweight"] = pack_nibbles(q)
+                packed, s, z = qs[mod]
+                tensors[f"{mod}.qweight"] = packed
                 tensors[f"{mod}.scales"] = s.contiguous()
                 tensors[f"{mod}.zeros"] = z.contiguous()
             else:
