@@ -295,11 +295,12 @@ def no_tp_group(monkeypatch):
 
 
 def test_backend_chosen_once_auto_falls_back_explicit_fails(monkeypatch, no_tp_group):
-    """A layer our CPU kernel declines: auto takes the next backend that can (here the reference:
-    vLLM's CPUWNA16 lacks its op on AVX2), an explicit kernel_backend=sqplus fails at create time
-    with the kernel's own reason."""
+    """A layer our CPU kernel declines: auto takes the next backend that can (vLLM's CPUWNA16 where
+    this vLLM build has its cpu_gemm_wna16 op, i.e. on AVX-512 CPUs; else the reference), an
+    explicit kernel_backend=sqplus fails at create time with the kernel's own reason."""
     from vllm_sqplus.errors import SqplusError
     from vllm_sqplus.kernels import backends
+    from vllm_sqplus.kernels.vllm_mp import has_cpu_gemm_wna16
 
     class Declines(backends.W4A16Backend):
         name, config_name = "cpu", "sqplus"
@@ -311,7 +312,10 @@ def test_backend_chosen_once_auto_falls_back_explicit_fails(monkeypatch, no_tp_g
         mp.setitem(backends._OURS, "cpu", Declines())
         m = _method(kernel_backend="auto", format="packed")
         m.create_weights(*shape)
-        assert m.backend is backends.REFERENCE
+        if has_cpu_gemm_wna16():
+            assert m.backend.name == "vllm" and m.backend.kernel_type.__name__ == "CPUWNA16LinearKernel"
+        else:
+            assert m.backend is backends.REFERENCE
         with pytest.raises(SqplusError, match=r"kernel_backend=sqplus cannot run layer model\.layers\.0"
                                               r"\.mlp\.down_proj \(N=256, K=256, group 128.*test: not this shape"):
             _method(kernel_backend="sqplus", format="packed").create_weights(*shape)
