@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import resource
 import socket
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from vllm_sqplus.arch import get_arch, get_module
+from vllm_sqplus.checkpoint import peak_rss_gib
 from vllm_sqplus.corpora import EVAL_CODE_FILES, EVAL_ENGLISH_FILE, eval_code_text, eval_english_text
 from vllm_sqplus.quant import pseudo_quantize_int4
 
@@ -310,7 +310,7 @@ def run(model_path, name: str, variants: list[tuple[str, str, str]], group_size:
                     "producer": producer_record(kind, path),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "command": command, "machine": machine(), "versions": versions(),
-                    "eval_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)})
+                    "eval_peak_rss_gib": round(peak_rss_gib(), 3)})
         record["variants"][vname] = row
         print(f"{vname:16s} code ppl {row['code_ppl']:8.4f} kl {row['code_kl']:.5f} | english ppl "
               f"{row['english_ppl']:8.4f} kl {row['english_kl']:.5f}  ({row['seconds']}s)", flush=True)

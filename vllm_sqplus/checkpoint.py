@@ -2,6 +2,7 @@
 write the output atomically (a temporary sibling folder, renamed into place at the end)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -59,6 +60,15 @@ def _file_page_runs(lo: int, n: int, page: int) -> list[tuple[int, int]]:
     return [(lo + int(s0) * page, int(s1 - s0)) for s0, s1 in zip(edges[::2], edges[1::2])]
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, with madvise's signature (loaded once: release_file_pages runs per weight)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def release_file_pages(t: torch.Tensor) -> int:
     """Drop from this process's resident memory the pages of a tensor whose data lies in a
     memory-mapped weight file (a checkpoint loaded by safetensors' mmap) and that are still the
@@ -80,8 +90,7 @@ def release_file_pages(t: torch.Tensor) -> int:
     lo, hi = -(-start // page) * page, (end // page) * page
     if hi <= lo:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     freed = 0
     for addr, count in _file_page_runs(lo, (hi - lo) // page, page):
         if libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(count * page), mmap.MADV_DONTNEED) == 0:

@@ -84,11 +84,11 @@ def _reproducible_group(lo: torch.Tensor, hi: torch.Tensor, store_dtype: torch.d
 
 
 def _group_range_params(grp: torch.Tensor, col0: int, zero_point: bool, store_dtype: torch.dtype,
-                        reproducible: bool, shrink: torch.Tensor | None = None):
+                        reproducible: bool, shrink: float | None = None):
     """A group's quantization from its weights grp [N, g] (columns col0 .. col0+g-1) ->
     (s32, z, s_stored, pin_lo, pin_hi): pin_lo / pin_hi [N] are the columns given the codes 0 / 15
     in the reproducible form (-1: none, where the group's range ends at 0), else None.
-    shrink [N]: the range clipped to shrink x (min, max) per row (zero point, reproducible only)."""
+    shrink: the range clipped to shrink x (min, max) (zero point, reproducible only)."""
     if not reproducible:
         s32, z, s_st = _group_params(grp, zero_point, store_dtype)
         return s32, z, s_st, None, None
@@ -129,8 +129,7 @@ def _searched_group_range(grp: torch.Tensor, col0: int, d: torch.Tensor, store_d
     best_err = torch.full((n,), float("inf"))
     best = None
     for r in ratios:
-        sh = torch.full((n,), float(r))
-        s32, z, s_st, plo, phi = _group_range_params(grp, col0, True, store_dtype, True, shrink=sh)
+        s32, z, s_st, plo, phi = _group_range_params(grp, col0, True, store_dtype, True, shrink=float(r))
         q = (torch.round(grp / s32[:, None]) + z[:, None]).clamp(0, 15)
         err = (((q - z[:, None]) * s32[:, None] - grp).pow(2) * d[None, :]).sum(-1)
         take = err < best_err
@@ -172,6 +171,8 @@ def gptq_quantize(w: torch.Tensor, h, group_size: int, zero_point: bool = True,
         raise SqplusError("GPTQ in the RTN-reproducible form needs the zero-point scheme")
     if range_ratios is not None and not act_order:
         raise SqplusError("GPTQ's range search goes with act-order (static groups)")
+    if range_ratios is not None and not reproducible:
+        raise SqplusError("GPTQ's range search needs the RTN-reproducible form")
     n, k = w.shape
     g = check_group_size(k, group_size)
     W = w.float().clone()
@@ -185,8 +186,6 @@ def gptq_quantize(w: torch.Tensor, h, group_size: int, zero_point: bool = True,
     perm = None
     if act_order:
         S32, Z, PLO, PHI = [], [], [], []
-        if range_ratios is not None and not reproducible:
-            raise SqplusError("GPTQ's range search needs the RTN-reproducible form")
         dH = torch.diag(H)
         for gi in range(k // g):
             if range_ratios is not None:
