@@ -67,7 +67,7 @@ def test_search_is_deterministic_and_picks_the_minimum(tmp_path, calib_file):
     tables = []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST]) == 0
+        assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST, "--thorough"]) == 0
         tables.append(json.loads((out / "sqplus_search.json").read_text()))
     assert tables[0]["rows"] == tables[1]["rows"]
     rows = {r["name"]: r for r in tables[0]["rows"]}
@@ -85,7 +85,7 @@ def test_per_layer_plan_without_clip_is_exact_and_recorded(tmp_path, calib_file)
     src = save_tiny(tmp_path / "src", "qwen2", kv_heads=2)
     out = tmp_path / "out"
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--alpha-granularity",
-                 "layer", "--no-clip", *FAST]) == 0
+                 "layer", "--no-clip", "--thorough", *FAST]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     rows = {r["name"]: r for r in table["rows"]}
@@ -96,6 +96,23 @@ def test_per_layer_plan_without_clip_is_exact_and_recorded(tmp_path, calib_file)
     ids = torch.randint(0, 320, (2, 24))
     ref, new = _logits(src, ids), _logits(out, ids)
     assert float((new - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_pruned_phases_are_recorded_and_thorough_runs_them(tmp_path, calib_file, monkeypatch, capsys):
+    import vllm_sqplus.search as search_mod
+    monkeypatch.setattr(search_mod, "_prune", lambda scored, opts, n: "forced" if opts.prune else None)
+    src = save_tiny(tmp_path / "src", "llama")
+    tables = {}
+    for flag in ([], ["--thorough"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--no-gptq", *FAST, *flag]) == 0
+        tables[bool(flag)] = json.loads((out / "sqplus_search.json").read_text())
+    # (FAST's --alpha-step is a full grid: no refinement to skip)
+    assert tables[False]["pruned"] == {"smoothed+clip": "forced", "per_layer": "forced"}
+    assert "skipped per_layer: forced" in capsys.readouterr().err
+    assert tables[True]["pruned"] is None
+    names = [{r["name"] for r in t["rows"]} for t in (tables[False], tables[True])]
+    assert "per-layer+clip" in names[1] - names[0] and "rtn+clip" in names[0]
 
 
 def test_group_size_the_kernels_cannot_take_fails_before_loading(tmp_path, capsys, calib_file):

@@ -72,7 +72,7 @@ def test_search_table_and_identity():
     arch = get_arch(model.config)
     ids = _ids(6, 32, seed=1)
     res = search(model, arch, ids[:4], ids[4:], QuantSpec(64, True, torch.bfloat16),
-                 SearchOptions(fit_samples=2, batch_size=2, fisher=False))
+                 SearchOptions(fit_samples=2, batch_size=2, fisher=False, prune=False))
     names = [r["name"] for r in res.table]
     assert names[0] == "rtn" and "rtn+clip" in names and "per-layer+clip" in names
     # coarse grid 0.2..0.8 then two refinements around the best: 4 + 2 + 2 whole-model alphas at most
@@ -82,6 +82,46 @@ def test_search_table_and_identity():
     assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in eligible)
     assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
+
+
+def test_prune_rule_is_every_grid_alpha_losing_to_rtn_on_nll():
+    from vllm_sqplus.search import Candidate, _prune
+    scored = {IDENTITY: (0.05, 2.00), Candidate(0.2): (0.04, 2.01), Candidate(0.4): (0.06, 2.03)}
+    assert "--thorough" in _prune(scored, SearchOptions(), 2)   # lower KL alone is no foothold
+    assert _prune(scored, SearchOptions(prune=False), 2) is None
+    assert _prune(scored, SearchOptions(), 1) is None             # the user's one alpha: never pruned
+    scored[Candidate(0.6)] = (0.07, 2.00)                           # a tie with RTN's NLL qualifies
+    assert _prune(scored, SearchOptions(), 3) is None
+    assert _prune({IDENTITY: (0.05, 2.0)}, SearchOptions(), 2) is None
+
+
+def test_pruned_search_skips_the_smoothed_phases_and_scores_the_rest_alike(monkeypatch):
+    """Pruning (forced here) leaves out the refinement, the best alpha clipped and the per-layer
+    plan; every setting it does score has exactly the unpruned search's loss, and the choice is
+    `choose` over what was scored."""
+    import vllm_sqplus.search as search_mod
+    from vllm_sqplus.search import choose
+    model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    ids = _ids(6, 32, seed=2)
+    q = QuantSpec(64, True, torch.bfloat16)
+    full = search(model, arch, ids[:4], ids[4:], q, SearchOptions(fit_samples=2, batch_size=2, prune=False, gptq=True))
+    real = search_mod._prune
+    monkeypatch.setattr(search_mod, "_prune", lambda scored, opts, n: "forced" if real(scored, opts, n) is None
+                        and opts.prune else real(scored, opts, n))
+    res = search(model, arch, ids[:4], ids[4:], q, SearchOptions(fit_samples=2, batch_size=2, gptq=True))
+    names = [r["name"] for r in res.table]
+    assert res.pruned == {"alpha_refine": "forced", "smoothed+clip": "forced", "per_layer": "forced"}
+    assert full.pruned is None and "per_layer" in full.seconds and "per_layer" not in res.seconds
+    assert names[:5] == ["rtn", "alpha=0.2", "alpha=0.4", "alpha=0.6", "alpha=0.8"]  # the grid, not refined
+    assert "rtn+clip" in names and not any(n.startswith("per-layer") for n in names)
+    assert not any(n.startswith("alpha=") and "+clip" in n for n in names)
+    rows_full = {r["name"]: r for r in full.table}
+    for r in res.table:
+        if not r.get("gptq"):
+            assert (r["kl"], r["nll"]) == (rows_full[r["name"]]["kl"], rows_full[r["name"]]["nll"]), r["name"]
+    rows = {r["name"]: r for r in res.table}
+    assert res.best == choose(res.finals, rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

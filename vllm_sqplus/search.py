@@ -11,6 +11,9 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    a coarse grid of whole-model alphas (SmoothQuant+'s one alpha for the model) and the identity.
    Two short refinement passes (best +/- 0.1, then +/- 0.05) follow: 9 candidates instead of a
    21-point grid, same resolution.
+   Pruning (SearchOptions.prune, on by default): when every alpha of the grid loses to plain RTN on
+   the held-out NLL, the smoothed phases below (refinement, the best alpha clipped, the per-layer
+   descent) are skipped and the search goes on with RTN's clipping and the GPTQ stage (_prune).
 2. Per-layer refinement (granularity "layer", the default): coordinate descent over each layer's
    pair types (norm->qkv, norm->gate/up, up->down, v->o where it applies), starting from the
    whole-model alpha (trials: none, the start, start +- 0.2, 0.5). A trial is scored by the error of the layer's output against the full-
@@ -97,6 +100,7 @@ class SearchOptions:
     gptq_act_order: bool = True         # that stage with activation order (static groups)
     gptq_true_sequential: bool = True   # that stage in true-sequential order (one forward per layer)
     gptq_range_ratios: tuple[float, ...] | None = None  # that stage's group-range search (act-order only)
+    prune: bool = True                  # skip the smoothed phases when no grid alpha beats RTN's NLL (_prune)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False
@@ -116,6 +120,7 @@ class SearchResult:
     n_stat_tokens: int = 0
     n_heldout_tokens: int = 0
     gptq: list | None = None   # the chosen GPTQ stage, per layer {linear: (packed q, scales, zeros)}
+    pruned: dict | None = None  # phases skipped by SearchOptions.prune -> why (None: nothing skipped)
 
     def row(self, name: str) -> dict:
         return next(r for r in self.table if r["name"] == name)
@@ -560,6 +565,26 @@ def _coarse_grid() -> list[float]:
     return [0.2, 0.4, 0.6, 0.8]
 
 
+def _prune(scored: dict, opts: SearchOptions, n_grid: int) -> str | None:
+    """Why the smoothed phases (alpha refinement, the best alpha clipped, the per-layer descent)
+    are skipped, or None. They are skipped when every searched alpha of the grid lost to plain RTN
+    on the held-out NLL, the guard `choose` applies: then smoothing has no foothold to refine from.
+    Evidence behind it: on Qwen2.5-Coder-0.5B (21-point grid) and 1.5B (the default grid) no
+    alpha beat RTN's NLL, and neither did any refined, clipped or per-layer smoothing (the
+    searches chose rtn and rtn+gptq); on SmolLM2 most alphas beat RTN and per-layer+clip won. On
+    Qwen-1.5B that is about 30 of 85 minutes by session 5's phase times (refinement 8, Fisher 2,
+    per-layer 18, half of the clip pass's 10). Off with SearchOptions.prune False (--thorough);
+    never with a single alpha (the user's own)."""
+    if not opts.prune or n_grid < 2:
+        return None
+    rtn_nll = scored[IDENTITY][1]
+    smoothed = [v[1] for c, v in scored.items() if c.alpha is not None]
+    if not smoothed or min(smoothed) <= rtn_nll + 1e-9:
+        return None
+    return (f"no alpha of the grid beat plain RTN's held-out NLL (best {min(smoothed):.5f} vs "
+            f"{rtn_nll:.5f}); the smoothed phases were skipped (--thorough runs them)")
+
+
 @torch.no_grad()
 def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: torch.Tensor, q: QuantSpec,
            opts: SearchOptions | None = None, *, device="cpu") -> SearchResult:
@@ -584,8 +609,15 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     scored = {c: scorer(s) for c, s in zip(cands, streams)}
     del streams
     secs["calibrate_and_alpha_grid"] = time.perf_counter() - t0
+    why = _prune(scored, opts, len(grid))
+    pruned = None
+    if why:
+        skipped = [*(["alpha_refine"] if opts.refine and opts.alphas is None else []),
+                   *(["smoothed+clip"] if opts.clip else []),
+                   *(["per_layer"] if opts.granularity == "layer" else [])]
+        pruned = {k: why for k in skipped}
 
-    if opts.refine and opts.alphas is None:
+    if opts.refine and opts.alphas is None and not why:
         for step in (0.1, 0.05):
             best = min(scored, key=lambda c: scored[c][0])
             if best.alpha is None:
@@ -617,18 +649,19 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
 
     if opts.clip:
         t = time.perf_counter()
-        clip_cands = {name_of(c) + "+clip": uniform(c) for c in (IDENTITY, smoothed_best) if c}
+        to_clip = [c for c in (IDENTITY, None if why else smoothed_best) if c]
+        clip_cands = {name_of(c) + "+clip": uniform(c) for c in to_clip}
         outs = _pass_plans(runner, arch=arch, q=q, heldout=heldout, plans_per_cand=list(clip_cands.values()),
                            act_stats=act_stats, grams=grams, clip=True, opts=opts, desc="clip",
                            clip_cache=clip_cache)
-        for (name, plans), hs, c in zip(clip_cands.items(), outs, (IDENTITY, smoothed_best)):
+        for (name, plans), hs, c in zip(clip_cands.items(), outs, to_clip):
             table.append(_row(name, *scorer(hs), kind="whole-model", alpha=c.alpha, stat=c.stat, pairs=c.pairs,
                               clip=True))
             finals[name] = plans
         secs["clip"] = time.perf_counter() - t
 
     layer_log = None
-    if opts.granularity == "layer":
+    if opts.granularity == "layer" and not why:
         t = time.perf_counter()
         weights = (_fisher(runner, fit_inputs, stat_ids[:fit_n], opts.progress, (scorer.norm, scorer.lm_head))
                    if opts.fisher else None)
@@ -665,7 +698,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", 0.0, scorer.fp_nll),
                         seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel(),
-                        gptq=gptq)
+                        gptq=gptq, pruned=pruned)
 
 
 def choose(names, rows: dict[str, dict]) -> str:
