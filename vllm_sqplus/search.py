@@ -578,10 +578,10 @@ def _prune(scored: dict, opts: SearchOptions, n_grid: int) -> str | None:
     if not opts.prune or n_grid < 2:
         return None
     rtn_nll = scored[IDENTITY][1]
-    smoothed = [v[1] for c, v in scored.items() if c.alpha is not None]
-    if not smoothed or min(smoothed) <= rtn_nll + 1e-9:
+    best = min((v[1] for c, v in scored.items() if c.alpha is not None), default=None)
+    if best is None or _no_worse_than_rtn(best, rtn_nll):
         return None
-    return (f"no alpha of the grid beat plain RTN's held-out NLL (best {min(smoothed):.5f} vs "
+    return (f"no alpha of the grid beat plain RTN's held-out NLL (best {best:.5f} vs "
             f"{rtn_nll:.5f}); the smoothed phases were skipped (--thorough runs them)")
 
 
@@ -595,7 +595,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     runner = LayerwiseModel(model, arch, device, batch_size=opts.batch_size)
     config = model.config
     n_layers = len(runner.layers)
-    fit_n = min(opts.fit_samples, stat_ids.shape[0]) if opts.granularity == "layer" else 0
+    per_layer = opts.granularity == "layer"
+    fit_n = min(opts.fit_samples, stat_ids.shape[0]) if per_layer else 0
 
     grid = list(opts.alphas) if opts.alphas is not None else _coarse_grid()
     cands = [IDENTITY] + [Candidate(round(a, 6), opts.stat, opts.pairs) for a in grid]
@@ -609,15 +610,12 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     scored = {c: scorer(s) for c, s in zip(cands, streams)}
     del streams
     secs["calibrate_and_alpha_grid"] = time.perf_counter() - t0
+    refine = opts.refine and opts.alphas is None
     why = _prune(scored, opts, len(grid))
-    pruned = None
-    if why:
-        skipped = [*(["alpha_refine"] if opts.refine and opts.alphas is None else []),
-                   *(["smoothed+clip"] if opts.clip else []),
-                   *(["per_layer"] if opts.granularity == "layer" else [])]
-        pruned = {k: why for k in skipped}
+    pruned = ({k: why for k, ran in (("alpha_refine", refine), ("smoothed+clip", opts.clip),
+                                     ("per_layer", per_layer)) if ran} if why else None)
 
-    if opts.refine and opts.alphas is None and not why:
+    if refine and not why:
         for step in (0.1, 0.05):
             best = min(scored, key=lambda c: scored[c][0])
             if best.alpha is None:
@@ -661,7 +659,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
         secs["clip"] = time.perf_counter() - t
 
     layer_log = None
-    if opts.granularity == "layer" and not why:
+    if per_layer and not why:
         t = time.perf_counter()
         weights = (_fisher(runner, fit_inputs, stat_ids[:fit_n], opts.progress, (scorer.norm, scorer.lm_head))
                    if opts.fisher else None)
@@ -701,6 +699,11 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
                         gptq=gptq, pruned=pruned)
 
 
+def _no_worse_than_rtn(nll: float, rtn_nll: float) -> bool:
+    """The NLL guard of `choose` and `_prune` (equal within rounding counts as no worse)."""
+    return nll <= rtn_nll + 1e-9
+
+
 def choose(names, rows: dict[str, dict]) -> str:
     """The lowest held-out KL among the settings whose held-out NLL is no worse than plain RTN's.
 
@@ -709,7 +712,7 @@ def choose(names, rows: dict[str, dict]) -> str:
     on held-out code), so a candidate must not lose to RTN on either. RTN itself always qualifies.
     """
     rtn_nll = rows["rtn"]["nll"]
-    ok = [n for n in names if rows[n]["nll"] <= rtn_nll + 1e-9] or ["rtn"]
+    ok = [n for n in names if _no_worse_than_rtn(rows[n]["nll"], rtn_nll)] or ["rtn"]
     return min(ok, key=lambda n: rows[n]["kl"])
 
 
