@@ -59,11 +59,15 @@ DEFAULT_CALIB = "stdlib"
 
 def load_calibration_texts(spec: str) -> list[str]:
     """Texts from 'stdlib' (the default: vllm_sqplus.corpora, disjoint from every evaluation text and
-    from HumanEval), 'humaneval' (its prompts: overlaps a HumanEval evaluation), a .jsonl/.jsonl.gz
+    from HumanEval), 'stdlib+prose' (the same code with a quarter of English prose blocks that are
+    not the held-out English either), 'humaneval' (its prompts: overlaps a HumanEval evaluation), a .jsonl/.jsonl.gz
     file (key text, prompt or content) or a text file."""
     if spec == "stdlib":
         from vllm_sqplus.corpora import calibration_texts
         return calibration_texts()
+    if spec == "stdlib+prose":
+        from vllm_sqplus.corpora import calibration_texts_with_prose
+        return calibration_texts_with_prose()
     if spec == "humaneval":
         return [r["prompt"] for r in read_jsonl(humaneval_path())]
     path = Path(spec)

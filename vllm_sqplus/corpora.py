@@ -10,7 +10,11 @@ the running Python's own standard library (the same bytes on every machine with 
       EVAL_CODE_FILES, 12 other stdlib modules (benchmarks/accuracy.py has used them since session 1);
   held-out English (evaluation):
       the prose of the Python reference manual that pydoc ships (pydoc_data/topics.py), English text
-      with a little inline code; never part of calibration.
+      with a little inline code; never part of calibration;
+  calibration prose (only in `--calib stdlib+prose`):
+      CALIB_PROSE_FILES, the English documents IDLE and the interpreter ship (IDLE's help page as
+      text, its change logs and notes, the licence): prose about Python that is not the reference
+      manual, so the held-out English stays unseen.
 
 HumanEval is never part of any of these, so calibrating on the default cannot leak into the
 HumanEval score. The two file lists share no file (checked at import).
@@ -18,7 +22,9 @@ HumanEval score. The two file lists share no file (checked at import).
 from __future__ import annotations
 
 import ast
+import re
 import sysconfig
+from html.parser import HTMLParser
 from pathlib import Path
 
 from vllm_sqplus.errors import SqplusError
@@ -35,10 +41,15 @@ EVAL_CODE_FILES = (
     "shlex.py", "string.py", "calendar.py", "csv.py", "json/decoder.py", "statistics.py",
 )
 EVAL_ENGLISH_FILE = "pydoc_data/topics.py"
+CALIB_PROSE_FILES = (
+    "idlelib/help.html", "idlelib/NEWS.txt", "idlelib/NEWS2x.txt", "idlelib/HISTORY.txt",
+    "idlelib/README.txt", "idlelib/TODO.txt", "idlelib/extend.txt", "LICENSE.txt",
+)
+PROSE_EVERY = 4  # stdlib+prose: one prose block after every 3 code blocks (a quarter of the blocks)
 _BLOCK_CHARS = 3000
 
 assert not set(CALIB_CODE_FILES) & set(EVAL_CODE_FILES), "calibration and evaluation files overlap"
-assert EVAL_ENGLISH_FILE not in CALIB_CODE_FILES
+assert EVAL_ENGLISH_FILE not in CALIB_CODE_FILES + CALIB_PROSE_FILES
 
 
 def stdlib_dir() -> Path:
@@ -74,6 +85,55 @@ def calibration_texts() -> list[str]:
     out = []
     for i in range(max(map(len, per_file))):
         out.extend(blocks[i] for blocks in per_file if i < len(blocks))
+    return out
+
+
+class _HtmlText(HTMLParser):
+    """The visible text of an HTML page: no tags, scripts or styles; block elements end lines."""
+
+    _SKIP, _BLOCK = {"script", "style", "head"}, {"p", "div", "li", "dt", "dd", "pre", "tr", "br",
+                                                  "h1", "h2", "h3", "h4", "h5", "h6", "table"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._skip += tag in self._SKIP
+        if tag in self._BLOCK:
+            self.parts.append("\n\n" if tag in ("p", "pre", "table") or tag[0] == "h" else "\n")
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in self._SKIP and self._skip > 0
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+
+
+def _prose(rel: str) -> str:
+    text = _read(rel)
+    if rel.endswith(".html"):
+        parser = _HtmlText()
+        parser.feed(text)
+        text = "".join(parser.parts)
+    lines = [" ".join(line.split()) for line in text.splitlines()]  # collapse HTML's runs of spaces
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def calibration_texts_with_prose(every: int = PROSE_EVERY) -> list[str]:
+    """`--calib stdlib+prose`: calibration_texts() with a block of CALIB_PROSE_FILES (round-robin
+    over the files) after every `every - 1` code blocks, while prose lasts; code only after that."""
+    code = calibration_texts()
+    per_file = [_blocks(_prose(f)) for f in CALIB_PROSE_FILES]
+    prose = [blocks[i] for i in range(max(map(len, per_file))) for blocks in per_file if i < len(blocks)]
+    out, pi = [], 0
+    for i, block in enumerate(code):
+        out.append(block)
+        if (i + 1) % (every - 1) == 0 and pi < len(prose):
+            out.append(prose[pi])
+            pi += 1
     return out
 
 

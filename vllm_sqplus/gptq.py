@@ -510,7 +510,7 @@ def add_parser(subparsers) -> None:
                         "exactly GPTQ's codes and scales (the paper's deployment form; zero point only)")
     add_order_args(p)
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
-    p.add_argument("--calib", default="stdlib")
+    p.add_argument("--calib", default="stdlib", help="as sqplus smooth --calib")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=None, help="default: the input's, else 128")

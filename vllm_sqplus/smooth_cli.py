@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--calib", default=DEFAULT_CALIB,
                    help="stdlib (default: 24 Python standard-library modules, disjoint from every evaluation "
-                        "text and from HumanEval; see vllm_sqplus/corpora.py) | humaneval | FILE.jsonl | FILE.txt")
+                        "text and from HumanEval; see vllm_sqplus/corpora.py) | stdlib+prose (the same with a quarter "
+                        "of English prose blocks from IDLE's docs, not the held-out English) | humaneval | "
+                        "FILE.jsonl | FILE.txt")
     p.add_argument("--samples", type=int, default=32,
                    help="calibration samples for statistics (default 32 x 512 tokens)")
     p.add_argument("--seq-len", type=int, default=512)
