@@ -14,7 +14,8 @@ down). Weights: random, INT4 asymmetric, group 128 (vllm_sqplus.quant.quantize_i
 Peers (each checked against x @ dequant(w).T before it is timed, so every column computes the same
 function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
 aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 (CPUWNA16, fed our codes
-through kernels/vllm_mp.py as kernel_backend=vllm does) where the build has it.
+through kernels/vllm_mp.py as kernel_backend=vllm does) where the build has it, and, where our
+CPU default is the AMX kernel, our AVX-512 FMA kernel forced on the same weights (sqplus_avx512).
 CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16); besides our default
 (by rows) also our two paths forced: sqplus_stream (M <= 1024) and sqplus_dequant (M >= 16).
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py
 import machine as results_machine  # noqa: E402
 
-from vllm_sqplus.kernels import CudaBackend
+from vllm_sqplus.kernels import CpuBackend, CudaBackend
 from vllm_sqplus.kernels.backends import ours
 from vllm_sqplus.quant import dequantize_int4, quantize_int4
 
@@ -213,6 +214,9 @@ def build_methods(q, s, z, g, device, act_dtype, llc, warm):
         probe = mine.pack(q, s, z, g)
         rot = Rotor(lambda: {k_: v.clone() for k_, v in probe.items()}, _nbytes(probe), llc, warm)
         variants = {"sqplus": mine}
+        if device == "cpu" and getattr(mine, "isa", None) == "amx":
+            # our AVX-512 FMA kernel on the same weights (what AMX replaces from kAmxMinRows rows)
+            variants["sqplus_avx512"] = CpuBackend("avx512")
         if device == "cuda":  # our two CUDA paths forced, beside the default (by rows)
             variants.update(sqplus_stream=CudaBackend(path="stream"),
                             sqplus_dequant=CudaBackend(path="dequant"))
@@ -333,7 +337,7 @@ def render_markdown(rec: dict) -> str:
     mach = rec["machine"]
     dev = mach["device"]
     peers = (["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"])
-    peers += [p for p in ("vllm_wna16",) if any(p in r["methods"] for r in rec["rows"])]
+    peers += [p for p in ("vllm_wna16", "sqplus_avx512") if any(p in r["methods"] for r in rec["rows"])]
     variants = [] if dev == "cpu" else ["sqplus_stream", "sqplus_dequant"]
     lines = [f"# W4A16 kernel benchmark ({dev})", "",
              f"- machine: {mach['name']}, {mach['cpus']} cpus, torch threads {mach['torch_threads']}, "
@@ -433,8 +437,8 @@ def main(argv=None) -> int:
 
     rows, absent_all = [], {}
     hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
-           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>8}")
-    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16"] if dev == "cpu"
+           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>7} {'vs fma':>7}")
+    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16", "sqplus_avx512"] if dev == "cpu"
                   else ["torch_f16", "torch_int4"])
     if dev == "cuda":
         hdr = hdr.replace("vs f32", "vs f16").replace(" vs bf16", "        ")
@@ -469,7 +473,7 @@ def main(argv=None) -> int:
             fmt = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
             cols = " ".join(fmt(row["speedup_vs"][p]) for p in peers_cols)
             if dev == "cuda":
-                cols += " " * 8
+                cols += " " * 16
             us = f"{ours['us']:9.1f} {ours['GBps']:6.1f} {row['pct_bw']:5.1f}" if ours else f"{'absent':>22}"
             if not ours:  # no ratios to show: the peers' own times instead
                 cols = "  " + ", ".join(f"{p} {v['us']:.1f} us" for p, v in r.items())

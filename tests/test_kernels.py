@@ -38,7 +38,10 @@ def _cpu_has(flag: str) -> bool:
 ISAS = ["scalar",
         pytest.param("avx2", marks=pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")),
                                                        reason="no AVX2+FMA")),
-        pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has("avx512bw"), reason="no AVX-512"))]
+        pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has("avx512bw"), reason="no AVX-512")),
+        pytest.param("amx", marks=pytest.mark.skipif(not (_cpu_has("amx_tile") and _cpu_has("amx_bf16")),
+                                                      reason="no AMX-BF16"))]
+needs_amx = pytest.mark.skipif(not (_cpu_has("amx_tile") and _cpu_has("amx_bf16")), reason="no AMX-BF16")
 
 
 @pytest.fixture(params=ISAS)
@@ -158,8 +161,9 @@ def test_all_isas_agree():
     x, q, s, z, b, ref = _problem(7, 320, 1024, 128, True, torch.float32, True, seed=5)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
     outs = {}
-    for isa in ["scalar", "avx2", "avx512"]:
-        if isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw"):
+    for isa in ["scalar", "avx2", "avx512", "amx"]:
+        if (isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw")
+                or isa == "amx" and not _cpu_has("amx_bf16")):
             continue
         outs[isa] = CpuBackend(isa).apply(x, {"qweight": qw, "scales": sp, "zeros": zp}, 128, b)
     assert len(outs) >= 2 or not _cpu_has("avx2"), outs.keys()
@@ -168,6 +172,30 @@ def test_all_isas_agree():
     assert torch.equal(best, outs[CpuBackend("auto").isa])
     for y in outs.values():
         torch.testing.assert_close(y, outs["scalar"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_ext
+@needs_amx
+@pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (2, 256, 512, 32), (4, 192, 256, 64),
+                                     (16, 320, 1024, 128), (17, 130, 384, 128), (37, 64, 256, -1),
+                                     (5, 130, 100, -1), (33, 256, 4096, 128)])
+def test_amx_kernel(m, n, k, g):
+    # kernel 4 on bfloat16 x (AMX tiles on 128 + q, the offset removed per group) against the
+    # AVX-512 FMA kernel on the same values in float32: both multiply exactly, so they differ by
+    # the summation order and by kernel 4's output rounding to bfloat16 (2^-8 relative). M = 1, 2
+    # (below kAmxMinRows) and groups that are not whole 32-k tile depths (K = 100) take the FMA
+    # kernel inside kernel 4;
+    # M > 16 takes several row blocks, N = 130 a partial 64-column tile. On float32 x kernel 4 is
+    # the FMA kernel, bit for bit.
+    x, q, s, z, b, ref = _problem(m, n, k, g, True, torch.bfloat16, True, seed=11)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    _poison(m * n, torch.bfloat16)
+    y4 = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, 4)
+    y3 = torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, 3)
+    assert y4.dtype == torch.bfloat16 and torch.isfinite(y4).all()
+    torch.testing.assert_close(y4.float(), y3, rtol=2**-8, atol=1e-5 * y3.abs().max().item())
+    assert _rel_err(y4, ref) < TOL[torch.bfloat16]
+    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, 4), y3)
 
 
 @needs_ext
@@ -214,7 +242,7 @@ def test_errors():
 
 def test_cpu_isa_env_is_read_once_at_construction(monkeypatch):
     monkeypatch.setenv("SQPLUS_CPU_ISA", "sse")
-    with pytest.raises(SqplusError, match="SQPLUS_CPU_ISA must be scalar, avx2 or avx512, got 'sse'"):
+    with pytest.raises(SqplusError, match="SQPLUS_CPU_ISA must be scalar, avx2, avx512 or amx, got 'sse'"):
         CpuBackend()
     monkeypatch.setenv("SQPLUS_CPU_ISA", "scalar")
     b = CpuBackend()

@@ -3,13 +3,18 @@
 // glue: checks whose messages print the shapes, the packing routine, activation pre-processing, the
 // split of N across threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the
 // scalar fallback and the ISA table. Which ISA runs is the caller's argument (`kernel`: 0 = best this
-// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512), decided once in Python by the CPU backend
+// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512, 4 AMX: AMX-BF16 tiles for bfloat16 activations of at
+// least kAmxMinRows rows, AVX-512 for the others), decided once in Python by the CPU backend
 // (vllm_sqplus/kernels/backends.py, which also reads the forcing env var, once); w4a16_cpu_isa() tells it
 // the best code this CPU supports (cpuid, read once per process).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <vector>
@@ -46,7 +51,7 @@ void tile_scalar(const TileProblem& p) {
   }
 }
 
-// Best kernel code this CPU supports: 3 avx512, 2 avx2, 1 scalar.
+// Best kernel code this CPU supports: 4 amx, 3 avx512, 2 avx2, 1 scalar.
 int64_t best_isa();
 
 namespace {
@@ -54,22 +59,40 @@ namespace {
 using TileFn = void (*)(const TileProblem&);
 
 struct CpuIsa {
-  bool avx2, avx512;
+  bool avx2, avx512, amx;
 };
+
+// AMX-TILE and AMX-BF16 (cpuid leaf 7: edx bits 24 and 22), and Linux's grant of the tile data
+// state to this process (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile instruction
+// faults). The grant is per process and idempotent (torch's oneDNN asks for it too).
+bool amx_usable() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 22) & 1)) return false;
+#ifdef SYS_arch_prctl
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 // cpuid once per process (the answer cannot change while it runs)
 const CpuIsa& cpu_isa() {
   static const CpuIsa isa = [] {
     __builtin_cpu_init();
-    return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                  __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl")};
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), avx512,
+                  avx512 && amx_usable()};
   }();
   return isa;
 }
 
-// kernel code (see the file header) -> tile function; 0 = the best this CPU has
-TileFn tile_fn(int64_t kernel) {
+// kernel code (see the file header), activation dtype, rows and group length -> tile function; 0 =
+// the best this CPU has. Code 4 runs the AMX kernel on bfloat16 activations of at least
+// kAmxMinRows rows whose groups are whole tile depths (32 k's), and the AVX-512 FMA kernel on the
+// rest (a float16 or float32 value does not always fit bfloat16; fewer rows leave the tiles empty).
+TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
   if (kernel == 0) kernel = best_isa();
   switch (kernel) {
     case 1:
@@ -81,9 +104,13 @@ TileFn tile_fn(int64_t kernel) {
       TORCH_CHECK(cpu_isa().avx512,
                   "w4a16_gemm: kernel 3 (avx512) asked, but this CPU has no AVX-512 (f, bw, vl)");
       return tile_avx512;
+    case 4:
+      TORCH_CHECK(cpu_isa().amx, "w4a16_gemm: kernel 4 (amx) asked, but this CPU has no AMX-BF16 "
+                  "(or the kernel did not grant this process the tile state)");
+      return xt == at::kBFloat16 && M >= kAmxMinRows && len % 32 == 0 ? tile_amx : tile_avx512;
     default:
-      TORCH_CHECK(false, "w4a16_gemm: kernel must be 0 (best), 1 (scalar), 2 (avx2) or 3 (avx512), got ",
-                  kernel);
+      TORCH_CHECK(false, "w4a16_gemm: kernel must be 0 (best), 1 (scalar), 2 (avx2), 3 (avx512) or "
+                  "4 (amx), got ", kernel);
   }
   return tile_scalar;  // unreachable
 }
@@ -134,8 +161,9 @@ std::vector<at::Tensor> w4a16_pack_cpu(const at::Tensor& q, const at::Tensor& sc
         const uint8_t* row = src + (t * kTileN + l) * K;  // q[n, :]
         for (int64_t c = 0; c < K8 / kChunkK; ++c) {
           uint32_t w = 0;
-          for (int64_t j = 0; j < kChunkK && c * kChunkK + j < K; ++j)
-            w |= static_cast<uint32_t>(row[c * kChunkK + j]) << (4 * j);
+          for (int64_t j = 0; j < kChunkK; ++j)  // nibble j: k = c*8 + kOrder[j] (w4a16_cpu.h)
+            if (c * kChunkK + kOrder[j] < K)
+              w |= static_cast<uint32_t>(row[c * kChunkK + kOrder[j]]) << (4 * j);
           dst[(t * (K8 / kChunkK) + c) * kTileN + l] = w;  // qweight[t, c, l]
         }
       }
@@ -147,7 +175,7 @@ std::vector<at::Tensor> w4a16_pack_cpu(const at::Tensor& q, const at::Tensor& sc
 }
 
 // x [..., K] (f32/bf16/f16) -> [..., N] in x.dtype = x @ ((q - z) * s).T + bias
-int64_t best_isa() { return cpu_isa().avx512 ? 3 : cpu_isa().avx2 ? 2 : 1; }
+int64_t best_isa() { return cpu_isa().amx ? 4 : cpu_isa().avx512 ? 3 : cpu_isa().avx2 ? 2 : 1; }
 
 at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t group_size,
@@ -186,13 +214,14 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out.view(out_shape);
 
-  // Activations once per call: float32, pre-scaled per nibble position (layout note), K padded
-  // to 8 with zeros; plus the per-group sums that carry the zero points.
+  // Activations once per call: float32, in nibble order and pre-scaled per nibble position (layout
+  // note), K padded to 8 with zeros; plus the per-group sums that carry the zero points.
   const int64_t len = G == 1 ? K8 : g;
   std::vector<float> xs(M * K8, 0.0f), xsum(M * G, 0.0f);
   // why the chunks of 8 with a constant j: the factor lookup and the 8 partial sums vectorize; a
   // per-element factor (with a division) and one running sum cost ~15 cycles an element, which
   // was a visible share of a K = 4864, M = 4 call
+  static constexpr int kNibbleOf[kChunkK] = {0, 4, 1, 5, 2, 6, 3, 7};  // kOrder's inverse
   static constexpr float kFac[kChunkK] = {1.f,         1.f / 16,       1.f / 256,       1.f / 4096,
                                           1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
@@ -207,14 +236,15 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
           int64_t k = gi * len;  // a multiple of 8
           for (; k + kChunkK <= k1; k += kChunkK)
             for (int j = 0; j < kChunkK; ++j) {
-              const float v = static_cast<float>(xr[k + j]);
+              const float v = static_cast<float>(xr[k + kOrder[j]]);
               part[j] += v;
               xo[k + j] = v * kFac[j];
             }
-          for (; k < k1; ++k) {  // K % 8 tail (per-channel groups only)
+          for (; k < k1; ++k) {  // K % 8 tail (per-channel groups only): nibble j of k % 8
             const float v = static_cast<float>(xr[k]);
             part[0] += v;
-            xo[k] = v * kFac[k & 7];
+            const int j = kNibbleOf[k & 7];
+            xo[(k & ~int64_t{7}) + j] = v * kFac[j];
           }
           float sum = 0.f;
           for (int j = 0; j < kChunkK; ++j) sum += part[j];
@@ -224,7 +254,12 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     });
   });
 
-  const TileFn kernel = tile_fn(kernel_code);
+  const TileFn kernel = tile_fn(kernel_code, xt, M, len);
+  // the AMX kernel reads the bfloat16 activations as they are (K zero-padded to a multiple of 8)
+  at::Tensor xb16;
+  if (kernel == tile_amx)
+    xb16 = K8 == K ? x2 : at::constant_pad_nd(x2, {0, K8 - K}, 0).contiguous();
+  const uint16_t* xbp = xb16.defined() ? reinterpret_cast<const uint16_t*>(xb16.data_ptr()) : nullptr;
   const int64_t Nt = ceil_div(N, kTileN);
   const float* sp = scales.contiguous().data_ptr<float>();
   const float* zp = zeros.contiguous().data_ptr<float>();
@@ -242,7 +277,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
         const int64_t n0 = t * kTileN, cols = std::min(kTileN, N - n0);
         std::fill(acc.begin(), acc.end(), 0.0f);
         TileProblem p{qp + t * (K8 / kChunkK) * kTileN, sp + n0, zp + n0, N, xs.data(), xsum.data(),
-                      M, K8, len, G, acc.data()};
+                      xbp, M, K8, len, G, acc.data()};
         if (cols < kTileN) {  // last, partial tile: the kernels read 64 columns, give them padding
           spad.assign(G * kTileN, 0.0f);
           zpad.assign(G * kTileN, 0.0f);

@@ -4,8 +4,11 @@
 // Packed layout (defined here, produced by w4a16_pack in w4a16_cpu.cpp)
 //
 //   qweight   int32 [ceil(N/64), ceil(K/8), 64]      (N padded to 64 with code 0, K to 8 with code 0)
-//             qweight[t, c, l] holds the 8 codes q[t*64 + l, c*8 + j], j = 0..7, code j in bits
-//             4j..4j+3 (code 0 in the low nibble).
+//             qweight[t, c, l] holds the 8 codes q[t*64 + l, c*8 + kOrder[j]], j = 0..7, in bits
+//             4j..4j+3, kOrder = {0, 2, 4, 6, 1, 3, 5, 7}: the even k's of the chunk in the low
+//             half-word, the odd ones in the high half-word (why: w4a16_amx.cpp reads the
+//             pair k = 2p, 2p+1 with one shift and one mask; the FMA kernels do not care, their
+//             activations are permuted to match, below).
 //   scales_p  float32 [K/g, N]    scales transposed, in float32 (one load per 8/16 columns).
 //   zeros_p   float32 [K/g, N]    -zeros * scales, in float32: the zero point is folded into an
 //                                 offset so the inner loop never subtracts it (see below).
@@ -23,7 +26,9 @@
 // one output column, so nibble j of every lane is "the weight at k = c*8+j" for 8 (AVX2) or 16
 // (AVX-512) columns at once: decoding is one AND (or a shift for j = 7) and one int->float
 // convert, with no shuffles. The AND leaves code j multiplied by 16^j (j < 7); the activations
-// are pre-scaled by 16^-j instead (exact: a power of two), so the shift costs nothing.
+// are pre-scaled by 16^-j instead (exact: a power of two), so the shift costs nothing. Nibble j
+// is the weight at k = c*8 + kOrder[j], so the pre-scaled activations are stored in that order
+// too: xs[c*8 + j] = x[c*8 + kOrder[j]] * 16^-j.
 //
 // Math per (row m, column n, group G):
 //   sum_k x[k] * (q[k] - z) * s = s * sum_k x[k] q[k] + (-z s) * sum_k x[k]
@@ -37,6 +42,8 @@ namespace sqplus_cpu {
 
 constexpr int64_t kTileN = 64;  // output columns per tile: 8 AVX2 vectors, 4 AVX-512 vectors
 constexpr int64_t kChunkK = 8;  // k's per int32 lane
+// k offset (within a chunk of 8) of the code in nibble j of a lane
+constexpr int kOrder[kChunkK] = {0, 2, 4, 6, 1, 3, 5, 7};
 
 // One tile's work: all M rows, 64 columns, all of K. Plain pointers so the ISA files need no torch.
 struct TileProblem {
@@ -44,18 +51,26 @@ struct TileProblem {
   const float* s;       // scales of this tile's columns, group 0; group gi at s + gi * s_stride
   const float* zs;      // -zeros*scales, same indexing as s
   int64_t s_stride;     // floats between groups (N, or 64 for a padded copy of a partial tile)
-  const float* xs;      // [M][K8] activations in float32, pre-scaled by 16^-(k%8) (k%8 < 7)
+  const float* xs;      // [M][K8] activations in float32, in nibble order, pre-scaled (see above)
   const float* xsum;    // [M][G] plain (unscaled) sum of x over each group
+  const uint16_t* xb;   // [M][K8] the bfloat16 activations as given (K zero-padded to 8), for
+                        // tile_amx only (nullptr for the other kernels)
   int64_t M, K8, group, G;  // group = k's per group (a multiple of 8, or K8 when G == 1)
   float* acc;           // [M][64] output accumulators, zeroed by the caller
 };
 
-// Activations are pre-scaled once per call (w4a16_cpu.cpp, kFac): nibble j = k % 8 comes out of
-// the AND as q * 16^j for j < 7, so xs[k] = x[k] * 16^-j; nibble 7 is shifted down instead (a shift
-// avoids the int32 sign bit), so its factor is 1.
+// Activations are pre-scaled once per call (w4a16_cpu.cpp, kFac): nibble j comes out of the AND
+// as q * 16^j for j < 7, so xs[c*8 + j] = x[c*8 + kOrder[j]] * 16^-j; nibble 7 is shifted down
+// instead (a shift avoids the int32 sign bit), so its factor is 1.
 
 void tile_scalar(const TileProblem& p);
 void tile_avx2(const TileProblem& p);    // compiled with target("avx2,fma")
 void tile_avx512(const TileProblem& p);  // compiled with target("avx512f,...")
+void tile_amx(const TileProblem& p);     // target("amx-tile,amx-bf16,..."): bfloat16 x only (p.xb)
+// the AMX kernel from this many rows on, the AVX-512 FMA kernel below. Measured on a 2-core
+// Sapphire-Rapids-class VM, 1 thread, 1152x896 .. 4096x4096 (benchmarks/results/intel-xeon-2c/
+// kernels_cpu.md, column sqplus_avx512 = the FMA kernel): AMX 0.76-0.84x of FMA at M = 2,
+// 0.94-1.08x at M = 4, 1.5-1.8x at M = 8, 2.4-2.8x at M = 16
+constexpr int64_t kAmxMinRows = 4;
 
 }  // namespace sqplus_cpu

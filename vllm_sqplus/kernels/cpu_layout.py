@@ -1,7 +1,8 @@
 """The CPU packed layout in plain PyTorch: a twin of csrc/cpu's w4a16_pack, for exact tests.
 
-qweight int32 [ceil(N/64), ceil(K/8), 64]; qweight[t, c, l] bits 4j..4j+3 = q[t*64 + l, c*8 + j]
-(padding: code 0). Why this interleave: csrc/cpu/w4a16_cpu.h.
+qweight int32 [ceil(N/64), ceil(K/8), 64]; qweight[t, c, l] bits 4j..4j+3 = q[t*64 + l, c*8 + o]
+with o = (0, 2, 4, 6, 1, 3, 5, 7)[j]: even k's of the chunk in the low half-word, odd ones in the
+high (padding: code 0). Why this interleave and this nibble order: csrc/cpu/w4a16_cpu.h.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from vllm_sqplus.kernels.ops import CHUNK_K, TILE_N
 
 __all__ = ["pack_cpu_reference", "unpack_cpu"]
 
-_SHIFTS = 4 * torch.arange(CHUNK_K, dtype=torch.int64)  # nibble j at bits 4j
+# bit offset of the code of k offset o (0..7) in its int32: nibble j = (0, 4, 1, 5, 2, 6, 3, 7)[o]
+_SHIFTS = 4 * torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], dtype=torch.int64)
 
 
 def pack_cpu_reference(q: torch.Tensor) -> torch.Tensor:
