@@ -181,26 +181,59 @@ def _run(cmd: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def _died(p: subprocess.CompletedProcess) -> str | None:
+    """'signal N (NAME)' when a llama.cpp tool was killed by a signal (a crash, not a usage error)."""
+    rc = p.returncode
+    sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
+    if not sig:
+        return None
+    try:
+        import signal
+        return f"signal {sig} ({signal.Signals(sig).name})"
+    except ValueError:
+        return f"signal {sig}"
+
+
 def llamacpp_measure(ll: dict, threads: int, batches: list[int], tokens: int, reps: int) -> dict:
+    """llama.cpp with its defaults. Where a default run crashes (seen: llama.cpp b11434's AMX path
+    segfaults on any batch of more than one token on an AMX Xeon VM), it is rerun with weight
+    repacking off (`--repack 0` / `-nr`: the plain CPU kernels, no AMX), and the record says so;
+    batch 1 then also gets the default build's figure without the 32-token context (decode only,
+    which its AMX path survives), so llama.cpp's fastest working batch-1 number is on record too."""
     pin = ["taskset", "-c", _cores(threads)]
     out: dict = {"threads": threads, "cores": _cores(threads), "load_before": _load()}
-    bench = _run(pin + [f"{ll['bin']}/llama-bench", "-m", ll["gguf"], "-p", "0", "-n", str(tokens),
-                        "-d", str(PROMPT_LEN), "-t", str(threads), "-r", str(reps), "-o", "json"])
-    if bench.returncode:
+    fields = ("build_commit", "build_number", "cpu_info", "model_type", "model_size", "model_n_params",
+              "n_threads", "n_depth", "n_gen", "type_k", "flash_attn", "avg_ts", "stddev_ts", "samples_ts")
+
+    def llama_bench(extra: list[str], depth: int = PROMPT_LEN):
+        p = _run(pin + [f"{ll['bin']}/llama-bench", "-m", ll["gguf"], "-p", "0", "-n", str(tokens),
+                        "-d", str(depth), "-t", str(threads), "-r", str(reps), "-o", "json", *extra])
+        if p.returncode:
+            return p, None
+        r = json.loads(p.stdout[p.stdout.index("["):])[0]
+        return p, {k: r.get(k) for k in fields}
+    bench, res = llama_bench([])
+    if bench.returncode and _died(bench):
+        out["default_crashed"] = f"llama-bench -d {PROMPT_LEN}: {_died(bench)}"
+        _, out["llama_bench_default_no_context"] = llama_bench([], depth=0)
+        bench, res = llama_bench(["--repack", "0"])
+        out["repack_off"] = True
+    if res is None:
         out["llama_bench_error"] = bench.stderr[-800:]
     else:
-        r = json.loads(bench.stdout[bench.stdout.index("["):])[0]
-        out["llama_bench"] = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type",
-                                                    "model_size", "model_n_params", "n_threads", "n_depth",
-                                                    "n_gen", "type_k", "flash_attn", "avg_ts", "stddev_ts",
-                                                    "samples_ts")}
+        out["llama_bench"] = res
     npl = ",".join(str(b) for b in batches)
     ctx = max(batches) * (PROMPT_LEN + tokens) + 64
     runs: dict[str, list[float]] = {}
     for _ in range(reps):
-        bb = _run(pin + [f"{ll['bin']}/llama-batched-bench", "-m", ll["gguf"], "-c", str(ctx), "-b", "2048",
-                         "-ub", "512", "-npp", str(PROMPT_LEN), "-ntg", str(tokens), "-npl", npl,
-                         "-t", str(threads), "--output-format", "jsonl"])
+        cmd = pin + [f"{ll['bin']}/llama-batched-bench", "-m", ll["gguf"], "-c", str(ctx), "-b", "2048",
+                     "-ub", "512", "-npp", str(PROMPT_LEN), "-ntg", str(tokens), "-npl", npl,
+                     "-t", str(threads), "--output-format", "jsonl"]
+        bb = _run(cmd + (["-nr"] if out.get("repack_off") else []))
+        if bb.returncode and _died(bb) and not out.get("repack_off"):
+            out["default_crashed"] = f"llama-batched-bench: {_died(bb)}"
+            out["repack_off"] = True
+            bb = _run(cmd + ["-nr"])
         if bb.returncode:
             out["batched_bench_error"] = bb.stderr[-800:]
             break
@@ -383,6 +416,10 @@ def _markdown(rec: dict) -> str:
         if "llama_bench" in r:
             lb = r["llama_bench"]
             det = f"llama-bench {lb['avg_ts']:.1f} +- {lb['stddev_ts']:.1f}; " + det
+        if r.get("repack_off"):
+            nc = r.get("llama_bench_default_no_context")
+            det = (f"**repacking off** (`--repack 0` / `-nr`): the default run died ({r.get('default_crashed')}); "
+                   + (f"default build, batch 1 without context: {nc['avg_ts']:.1f} tok/s; " if nc else "") + det)
         for k in ("llama_bench_error", "batched_bench_error"):
             if k in r:
                 det += f"; {k}: {r[k][-160:]!r}"

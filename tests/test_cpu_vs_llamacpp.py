@@ -100,3 +100,32 @@ def test_markdown_table_ratios():
     rec["llamacpp"] = {"skipped": "no build"}
     md = cvl._markdown(rec)
     assert "**skipped**: no build" in md and "| 1 | 1 | - | 20.0 | - |" in md
+
+
+def test_llamacpp_crash_is_rerun_with_repacking_off(tmp_path, monkeypatch):
+    # fake llama.cpp tools that die with SIGSEGV on a prompt unless repacking is off (what b11434's
+    # AMX path does on an AMX Xeon), and print llama.cpp's JSON otherwise
+    bench = tmp_path / "llama-bench"
+    bench.write_text("#!/bin/bash\n"
+                     'case " $* " in *" --repack 0 "*) ts=12.5;; *" -d 0 "*) ts=29.0;; *) kill -SEGV $$;; esac\n'
+                     'echo "[{\\"avg_ts\\": $ts, \\"stddev_ts\\": 0.1, \\"n_depth\\": 0}]"\n')
+    batched = tmp_path / "llama-batched-bench"
+    batched.write_text("#!/bin/bash\n"
+                       'case " $* " in *" -nr "*) ;; *) kill -SEGV $$;; esac\n'
+                       'for pl in 1 4; do echo "{\\"pl\\": $pl, \\"speed_tg\\": $((pl * 10)), \\"n_kv_max\\": 1, '
+                       '\\"n_batch\\": 1, \\"n_ubatch\\": 1, \\"flash_attn\\": 0, \\"n_threads\\": 1, '
+                       '\\"n_threads_batch\\": 1}"; done\n')
+    for f in (bench, batched):
+        f.chmod(0o755)
+    monkeypatch.setattr(cvl, "_run", lambda cmd, timeout=1800: cvl.subprocess.run(
+        cmd[3:], capture_output=True, text=True))  # drop the taskset prefix
+    r = cvl.llamacpp_measure({"bin": str(tmp_path), "gguf": "m.gguf"}, 1, [1, 4], 8, 2)
+    assert r["repack_off"] and "SIGSEGV" in r["default_crashed"]
+    assert r["llama_bench"]["avg_ts"] == 12.5 and r["llama_bench_default_no_context"]["avg_ts"] == 29.0
+    assert r["batched_bench"]["4"]["median_tok_s"] == 40 and "batched_bench_error" not in r
+    rec = {"date": "2026-12-01T00:00:00+00:00", "machine": "test cpu", "load_start": [0.5] * 3,
+           "load_end": [0.7] * 3, "busy_at_start": [], "model": "m", "command": "python x", "tokens": 8,
+           "reps": 2, "threads": [1], "batches": [1, 4], "llamacpp": {"gguf": "m.gguf", "runs": [r]},
+           "ours": [_ours("int4", 1, {"1": 25.0, "4": 80.0})]}
+    md = cvl._markdown(rec)
+    assert "| 1 | 1 | 12.5 | 25.0 | **2.00x** |" in md and "**repacking off**" in md and "29.0 tok/s" in md

@@ -18,6 +18,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "w4a16_cpu.h"
 
@@ -65,69 +67,124 @@ inline void compiler_barrier() { asm volatile("" ::: "memory"); }
 
 }  // namespace
 
-void tile_amx(const TileProblem& p) {
-  const int64_t len = p.G == 1 ? p.K8 : p.group;  // a multiple of 32 (the caller checks)
-  alignas(64) uint16_t bbuf[2][16 * 32];           // two B tiles, so a decode overlaps a tdpbf16ps
+namespace {
+
+// C tiles 0..3 (rows m0 .. m0+mb of group gi) into the tile's fp32 accumulators:
+// acc += s * C + (-z s - 128 s) * xsum
+void add_group(const TileProblem& p, int64_t gi, int64_t m0, int mb) {
   alignas(64) float cbuf[16 * 16];
-  const int32_t* qt = p.qw;
-  int configured = 0;
-  for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
-    const int mb = static_cast<int>(std::min<int64_t>(16, p.M - m0));
-    if (mb != configured) configure(configured = mb);
-    const uint16_t* xa = p.xb + m0 * p.K8;
-    for (int64_t gi = 0; gi < p.G; ++gi) {
-      const int64_t k0 = gi * len;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = k0; k < k0 + len; k += kDepth) {
-        const int32_t* q = qt + (k / kChunkK) * kTileN;
-        _mm_prefetch(reinterpret_cast<const char*>(q + 8 * kTileN), _MM_HINT_T0);
-        _tile_loadd(4, xa + k, p.K8 * 2);
-        // the column blocks unrolled: tile numbers are immediates
-        decode_b(q, 0, bbuf[0]);
-        compiler_barrier();
-        _tile_loadd(5, bbuf[0], 64);
-        decode_b(q, 1, bbuf[1]);
-        compiler_barrier();
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, bbuf[1], 64);
-        compiler_barrier();  // bbuf[0] is rewritten only after tile 5 was loaded from it
-        decode_b(q, 2, bbuf[0]);
-        compiler_barrier();
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(5, bbuf[0], 64);
-        compiler_barrier();
-        decode_b(q, 3, bbuf[1]);
-        compiler_barrier();
-        _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, bbuf[1], 64);
-        _tile_dpbf16ps(3, 4, 6);
-        compiler_barrier();
-      }
-      const float* s = p.s + gi * p.s_stride;
-      const float* zs = p.zs + gi * p.s_stride;
-      const __m512 c128 = _mm512_set1_ps(128.0f);
-      for (int v = 0; v < NV; ++v) {
-        switch (v) {  // tile numbers are immediates
-          case 0: _tile_stored(0, cbuf, 64); break;
-          case 1: _tile_stored(1, cbuf, 64); break;
-          case 2: _tile_stored(2, cbuf, 64); break;
-          default: _tile_stored(3, cbuf, 64); break;
-        }
-        compiler_barrier();
-        const __m512 sv = _mm512_loadu_ps(s + v * 16);
-        const __m512 zv = _mm512_fnmadd_ps(sv, c128, _mm512_loadu_ps(zs + v * 16));  // -z s - 128 s
-        for (int r = 0; r < mb; ++r) {
-          float* o = p.acc + (m0 + r) * kTileN + v * 16;
-          __m512 ov = _mm512_fmadd_ps(_mm512_load_ps(cbuf + r * 16), sv, _mm512_loadu_ps(o));
-          ov = _mm512_fmadd_ps(zv, _mm512_set1_ps(p.xsum[(m0 + r) * p.G + gi]), ov);
-          _mm512_storeu_ps(o, ov);
-        }
-      }
+  const float* s = p.s + gi * p.s_stride;
+  const float* zs = p.zs + gi * p.s_stride;
+  const __m512 c128 = _mm512_set1_ps(128.0f);
+  for (int v = 0; v < NV; ++v) {
+    switch (v) {  // tile numbers are immediates
+      case 0: _tile_stored(0, cbuf, 64); break;
+      case 1: _tile_stored(1, cbuf, 64); break;
+      case 2: _tile_stored(2, cbuf, 64); break;
+      default: _tile_stored(3, cbuf, 64); break;
+    }
+    compiler_barrier();
+    const __m512 sv = _mm512_loadu_ps(s + v * 16);
+    const __m512 zv = _mm512_fnmadd_ps(sv, c128, _mm512_loadu_ps(zs + v * 16));  // -z s - 128 s
+    for (int r = 0; r < mb; ++r) {
+      float* o = p.acc + (m0 + r) * kTileN + v * 16;
+      __m512 ov = _mm512_fmadd_ps(_mm512_load_ps(cbuf + r * 16), sv, _mm512_loadu_ps(o));
+      ov = _mm512_fmadd_ps(zv, _mm512_set1_ps(p.xsum[(m0 + r) * p.G + gi]), ov);
+      _mm512_storeu_ps(o, ov);
     }
   }
+}
+
+void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Up to 16 rows: each 32-k step decodes its 4 B tiles into two alternating buffers, interleaved
+// with the tdpbf16ps of the previous one, and the weights are read once.
+void rows_upto16(const TileProblem& p, int64_t len) {
+  alignas(64) uint16_t bbuf[2][16 * 32];
+  const int mb = static_cast<int>(p.M);
+  configure(mb);
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    const int64_t k0 = gi * len;
+    zero_c();
+    for (int64_t k = k0; k < k0 + len; k += kDepth) {
+      const int32_t* q = p.qw + (k / kChunkK) * kTileN;
+      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * kTileN), _MM_HINT_T0);
+      _tile_loadd(4, p.xb + k, p.K8 * 2);
+      // the column blocks unrolled: tile numbers are immediates
+      decode_b(q, 0, bbuf[0]);
+      compiler_barrier();
+      _tile_loadd(5, bbuf[0], 64);
+      decode_b(q, 1, bbuf[1]);
+      compiler_barrier();
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, bbuf[1], 64);
+      compiler_barrier();  // bbuf[0] is rewritten only after tile 5 was loaded from it
+      decode_b(q, 2, bbuf[0]);
+      compiler_barrier();
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, bbuf[0], 64);
+      compiler_barrier();
+      decode_b(q, 3, bbuf[1]);
+      compiler_barrier();
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, bbuf[1], 64);
+      _tile_dpbf16ps(3, 4, 6);
+      compiler_barrier();
+    }
+    add_group(p, gi, 0, mb);
+  }
+}
+
+// More rows: a group's B tiles are decoded once into a buffer (len/32 x 4 tiles of 1 KiB: 16 KiB
+// at g = 128) and every 16-row block reads them from there, so the decode is not repeated per
+// row block.
+void rows_over16(const TileProblem& p, int64_t len) {
+  thread_local std::vector<uint16_t> gbuf;
+  const int64_t steps = len / kDepth;
+  gbuf.resize(steps * NV * 16 * 32 + 32);
+  uint16_t* g = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(gbuf.data()) + 63) & ~uintptr_t{63});
+  int configured = 0;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    const int64_t k0 = gi * len;
+    for (int64_t st = 0; st < steps; ++st)
+      for (int v = 0; v < NV; ++v)
+        decode_b(p.qw + ((k0 + st * kDepth) / kChunkK) * kTileN, v, g + (st * NV + v) * 512);
+    compiler_barrier();
+    for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
+      const int mb = static_cast<int>(std::min<int64_t>(16, p.M - m0));
+      if (mb != configured) configure(configured = mb);
+      const uint16_t* xa = p.xb + m0 * p.K8 + k0;
+      zero_c();
+      for (int64_t st = 0; st < steps; ++st) {
+        const uint16_t* b = g + st * NV * 512;
+        _tile_loadd(4, xa + st * kDepth, p.K8 * 2);
+        _tile_loadd(5, b, 64);
+        _tile_loadd(6, b + 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, b + 1024, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(6, b + 1536, 64);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      add_group(p, gi, m0, mb);
+    }
+  }
+}
+
+}  // namespace
+
+void tile_amx(const TileProblem& p) {
+  const int64_t len = p.G == 1 ? p.K8 : p.group;  // a multiple of 32 (the caller checks)
+  if (p.M <= 16)
+    rows_upto16(p, len);
+  else
+    rows_over16(p, len);
   _tile_release();
 }
 
