@@ -183,9 +183,8 @@ def _run(cmd: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
 
 def _died(p: subprocess.CompletedProcess) -> str | None:
     """'signal N (NAME)' when a llama.cpp tool was killed by a signal (a crash, not a usage error)."""
-    rc = p.returncode
-    sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
-    if not sig:
+    sig = -p.returncode  # subprocess reports a signal as a negative code (the tools run without a shell)
+    if sig <= 0:
         return None
     try:
         import signal
@@ -217,7 +216,7 @@ def llamacpp_measure(ll: dict, threads: int, batches: list[int], tokens: int, re
         out["default_crashed"] = f"llama-bench -d {PROMPT_LEN}: {_died(bench)}"
         _, out["llama_bench_default_no_context"] = llama_bench([], depth=0)
         bench, res = llama_bench(["--repack", "0"])
-        out["repack_off"] = True
+        out["repack_off"] = out["llama_bench_repack_off"] = True
     if res is None:
         out["llama_bench_error"] = bench.stderr[-800:]
     else:
@@ -231,6 +230,8 @@ def llamacpp_measure(ll: dict, threads: int, batches: list[int], tokens: int, re
                      "-t", str(threads), "--output-format", "jsonl"]
         bb = _run(cmd + (["-nr"] if out.get("repack_off") else []))
         if bb.returncode and _died(bb) and not out.get("repack_off"):
+            if runs:  # earlier reps ran with the defaults: start over, so no median mixes the two
+                runs.clear()
             out["default_crashed"] = f"llama-batched-bench: {_died(bb)}"
             out["repack_off"] = True
             bb = _run(cmd + ["-nr"])
@@ -418,7 +419,9 @@ def _markdown(rec: dict) -> str:
             det = f"llama-bench {lb['avg_ts']:.1f} +- {lb['stddev_ts']:.1f}; " + det
         if r.get("repack_off"):
             nc = r.get("llama_bench_default_no_context")
-            det = (f"**repacking off** (`--repack 0` / `-nr`): the default run died ({r.get('default_crashed')}); "
+            which = ("`--repack 0` / `-nr`" if r.get("llama_bench_repack_off")
+                     else "`-nr` for batched-bench; llama-bench with its defaults")
+            det = (f"**repacking off** ({which}): the default run died ({r.get('default_crashed')}); "
                    + (f"default build, batch 1 without context: {nc['avg_ts']:.1f} tok/s; " if nc else "") + det)
         for k in ("llama_bench_error", "batched_bench_error"):
             if k in r:

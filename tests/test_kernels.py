@@ -39,9 +39,15 @@ ISAS = ["scalar",
         pytest.param("avx2", marks=pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")),
                                                        reason="no AVX2+FMA")),
         pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has("avx512bw"), reason="no AVX-512")),
-        pytest.param("amx", marks=pytest.mark.skipif(not (_cpu_has("amx_tile") and _cpu_has("amx_bf16")),
-                                                      reason="no AMX-BF16"))]
-needs_amx = pytest.mark.skipif(not (_cpu_has("amx_tile") and _cpu_has("amx_bf16")), reason="no AMX-BF16")
+        pytest.param("amx", marks=pytest.mark.skipif("not _amx()", reason="no usable AMX-BF16"))]
+
+
+def _amx() -> bool:
+    # the kernel's own test (cpuid and Linux's grant of the tile state), not /proc/cpuinfo alone
+    return ops.has_kernel("cpu") and int(torch.ops.sqplus.w4a16_cpu_isa()) == 4
+
+
+needs_amx = pytest.mark.skipif("not _amx()", reason="no usable AMX-BF16")
 
 
 @pytest.fixture(params=ISAS)
@@ -156,6 +162,14 @@ def test_pack_layout_exact(n, k, g):
 
 
 @needs_ext
+def test_pack_nibble_order_is_the_documented_one():
+    # q[n, k] = k % 8: nibble j of each word holds k offset (0, 2, 4, 6, 1, 3, 5, 7)[j]
+    q = (torch.arange(16) % 8).to(torch.uint8).repeat(64, 1)
+    qw, _, _ = torch.ops.sqplus.w4a16_pack(q, torch.ones(64, 1), torch.zeros(64, 1, dtype=torch.uint8), -1)
+    assert (qw == 0x75316420).all()
+
+
+@needs_ext
 def test_all_isas_agree():
     # the decode is shared; different ISAs differ only in summation order
     x, q, s, z, b, ref = _problem(7, 320, 1024, 128, True, torch.float32, True, seed=5)
@@ -163,7 +177,7 @@ def test_all_isas_agree():
     outs = {}
     for isa in ["scalar", "avx2", "avx512", "amx"]:
         if (isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw")
-                or isa == "amx" and not _cpu_has("amx_bf16")):
+                or isa == "amx" and not _amx()):
             continue
         outs[isa] = CpuBackend(isa).apply(x, {"qweight": qw, "scales": sp, "zeros": zp}, 128, b)
     assert len(outs) >= 2 or not _cpu_has("avx2"), outs.keys()
@@ -178,7 +192,7 @@ def test_all_isas_agree():
 @needs_amx
 @pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (2, 256, 512, 32), (4, 192, 256, 64),
                                      (16, 320, 1024, 128), (17, 130, 384, 128), (37, 64, 256, -1),
-                                     (5, 130, 100, -1), (33, 256, 4096, 128)])
+                                     (5, 130, 100, -1), (20, 130, 92, -1), (33, 256, 4096, 128)])
 def test_amx_kernel(m, n, k, g):
     # kernel 4 on bfloat16 x (AMX tiles on 128 + q, the offset removed per group) against the
     # AVX-512 FMA kernel on the same values in float32: both multiply exactly, so they differ by
@@ -196,6 +210,10 @@ def test_amx_kernel(m, n, k, g):
     torch.testing.assert_close(y4.float(), y3, rtol=2**-8, atol=1e-5 * y3.abs().max().item())
     assert _rel_err(y4, ref) < TOL[torch.bfloat16]
     assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, 4), y3)
+    if m >= 4 and (k if g == -1 else g) % 32 == 0 and -(-k // 8) * 8 % 32 == 0:
+        # the AMX path really ran (a silent fallback would equal the FMA kernel on bf16 x bit for
+        # bit; the AMX sums in another order, which moves some bfloat16 roundings)
+        assert not torch.equal(y4, torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, 3))
 
 
 @needs_ext

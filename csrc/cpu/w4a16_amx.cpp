@@ -77,6 +77,7 @@ void add_group(const TileProblem& p, int64_t gi, int64_t m0, int mb) {
   const float* zs = p.zs + gi * p.s_stride;
   const __m512 c128 = _mm512_set1_ps(128.0f);
   for (int v = 0; v < NV; ++v) {
+    compiler_barrier();  // the previous block's cbuf loads stay before this store overwrites it
     switch (v) {  // tile numbers are immediates
       case 0: _tile_stored(0, cbuf, 64); break;
       case 1: _tile_stored(1, cbuf, 64); break;

@@ -41,7 +41,7 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_CPU_ISA = "SQPLUS_CPU_ISA"
 ENV_CUDA_DEQUANT_M = "SQPLUS_CUDA_DEQUANT_M"
 # the `kernel` argument of sqplus::w4a16_gemm on the CPU (csrc/ops.cpp); 0 would be "best"
-# amx: AMX-BF16 tiles for bfloat16 activations of 2+ rows, AVX-512 FMA for the rest (csrc/cpu/w4a16_amx.cpp)
+# amx: AMX-BF16 tiles for bfloat16 activations of 4+ rows (kAmxMinRows), AVX-512 FMA for the rest (csrc/cpu/w4a16_amx.cpp)
 CPU_ISAS = {"scalar": 1, "avx2": 2, "avx512": 3, "amx": 4}
 CUDA_PATHS = {"auto": 0, "stream": 1, "dequant": 2}
 
