@@ -215,9 +215,12 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   if (M == 0 || N == 0) return out.view(out_shape);
 
   // Activations once per call: float32, in nibble order and pre-scaled per nibble position (layout
-  // note), K padded to 8 with zeros; plus the per-group sums that carry the zero points.
+  // note), K padded to 8 with zeros; plus the per-group sums that carry the zero points. The AMX
+  // kernel needs only the sums (it reads the bfloat16 activations as given, below).
   const int64_t len = G == 1 ? K8 : g;
-  std::vector<float> xs(M * K8, 0.0f), xsum(M * G, 0.0f);
+  const TileFn kernel = tile_fn(kernel_code, xt, M, len);
+  const bool fma_input = kernel != tile_amx;
+  std::vector<float> xs(fma_input ? M * K8 : 0, 0.0f), xsum(M * G, 0.0f);
   // why the chunks of 8 with a constant j: the factor lookup and the 8 partial sums vectorize; a
   // per-element factor (with a division) and one running sum cost ~15 cycles an element, which
   // was a visible share of a K = 4864, M = 4 call
@@ -229,7 +232,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const scalar_t* xr = xp + m * K;
-        float* xo = xs.data() + m * K8;
+        float* xo = fma_input ? xs.data() + m * K8 : nullptr;
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t k1 = std::min(K, (gi + 1) * len);
           float part[kChunkK] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -238,13 +241,13 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
             for (int j = 0; j < kChunkK; ++j) {
               const float v = static_cast<float>(xr[k + kOrder[j]]);
               part[j] += v;
-              xo[k + j] = v * kFac[j];
+              if (fma_input) xo[k + j] = v * kFac[j];  // loop-invariant: the compiler unswitches it
             }
           for (; k < k1; ++k) {  // K % 8 tail (per-channel groups only): nibble j of k % 8
             const float v = static_cast<float>(xr[k]);
             part[0] += v;
             const int j = kNibbleOf[k & 7];
-            xo[(k & ~int64_t{7}) + j] = v * kFac[j];
+            if (fma_input) xo[(k & ~int64_t{7}) + j] = v * kFac[j];
           }
           float sum = 0.f;
           for (int j = 0; j < kChunkK; ++j) sum += part[j];
@@ -254,7 +257,6 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     });
   });
 
-  const TileFn kernel = tile_fn(kernel_code, xt, M, len);
   // the AMX kernel reads the bfloat16 activations as they are (K zero-padded to a multiple of 8)
   at::Tensor xb16;
   if (kernel == tile_amx)
