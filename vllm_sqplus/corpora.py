@@ -79,13 +79,14 @@ def _blocks(text: str, size: int = _BLOCK_CHARS) -> list[str]:
     return out
 
 
+def _round_robin(per_file: list[list[str]]) -> list[str]:
+    """Block i of every file, then block i+1 of every file that has one, ... (so samples mix files)."""
+    return [blocks[i] for i in range(max(map(len, per_file))) for blocks in per_file if i < len(blocks)]
+
+
 def calibration_texts() -> list[str]:
     """The default calibration texts: blocks of CALIB_CODE_FILES, round-robin over the files."""
-    per_file = [_blocks(_read(f)) for f in CALIB_CODE_FILES]
-    out = []
-    for i in range(max(map(len, per_file))):
-        out.extend(blocks[i] for blocks in per_file if i < len(blocks))
-    return out
+    return _round_robin([_blocks(_read(f)) for f in CALIB_CODE_FILES])
 
 
 class _HtmlText(HTMLParser):
@@ -126,8 +127,7 @@ def calibration_texts_with_prose(every: int = PROSE_EVERY) -> list[str]:
     """`--calib stdlib+prose`: calibration_texts() with a block of CALIB_PROSE_FILES (round-robin
     over the files) after every `every - 1` code blocks, while prose lasts; code only after that."""
     code = calibration_texts()
-    per_file = [_blocks(_prose(f)) for f in CALIB_PROSE_FILES]
-    prose = [blocks[i] for i in range(max(map(len, per_file))) for blocks in per_file if i < len(blocks)]
+    prose = _round_robin([_blocks(_prose(f)) for f in CALIB_PROSE_FILES])
     out, pi = [], 0
     for i, block in enumerate(code):
         out.append(block)
