@@ -15,7 +15,8 @@ Peers (each checked against x @ dequant(w).T before it is timed, so every column
 function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
 aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 (CPUWNA16, fed our codes
 through kernels/vllm_mp.py as kernel_backend=vllm does) where the build has it, and, where our
-CPU default is the AMX kernel, our AVX-512 FMA kernel forced on the same weights (sqplus_avx512).
+CPU default is the AMX kernel, our AVX-512 VNNI kernel (int16 activations, sqplus_avx512vnni) forced
+on the same weights, and where it is AMX or VNNI, our AVX-512 FMA kernel (sqplus_avx512).
 CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16); besides our default
 (by rows) also our two paths forced: sqplus_stream (M <= 1024) and sqplus_dequant (M >= 16).
 
@@ -35,6 +36,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -113,12 +115,16 @@ def _time_call(fn, device: str, clock=time.perf_counter) -> float:
 def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
                   max_rounds: int = 2000, clock=time.perf_counter) -> dict:
     """Median seconds of single calls of each fn, interleaved round-robin (one call of each per
-    round) so that load from other users of a shared machine hits every method alike."""
+    round) so that load from other users of a shared machine hits every method alike, in an order
+    shuffled each round (fixed seed): the call before a method leaves the caches and the vector
+    units' state behind (measured: our kernel right after a oneDNN bfloat16 GEMM took 23 us where
+    it takes 16), so no method may always follow the same one."""
     for fn in fns.values():
         for _ in range(3):
             fn()
     _sync(device)
     times: dict = {k: [] for k in fns}
+    order = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     # at least min_rounds, or 3 when those would take over 4x the budget (M = 256 on big shapes)
@@ -128,8 +134,10 @@ def timed_medians(fns: dict, device: str, min_time: float, min_rounds: int = 10,
             break
         if rounds >= 3 and spent >= 4 * min_time * len(fns):
             break
-        for k, fn in fns.items():
-            times[k].append(_time_call(fn, device, clock))
+        names = list(fns)
+        order.shuffle(names)
+        for k in names:
+            times[k].append(_time_call(fns[k], device, clock))
         rounds += 1
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -214,8 +222,10 @@ def build_methods(q, s, z, g, device, act_dtype, llc, warm):
         probe = mine.pack(q, s, z, g)
         rot = Rotor(lambda: {k_: v.clone() for k_, v in probe.items()}, _nbytes(probe), llc, warm)
         variants = {"sqplus": mine}
-        if device == "cpu" and getattr(mine, "isa", None) == "amx":
-            # our AVX-512 FMA kernel on the same weights (what AMX replaces from kAmxMinRows rows)
+        isa = getattr(mine, "isa", None) if device == "cpu" else None
+        if isa == "amx":  # our VNNI kernel: what AMX hands the rows below kAmxMinRows to
+            variants["sqplus_avx512vnni"] = CpuBackend("avx512vnni")
+        if isa in ("amx", "avx512vnni"):  # the FMA kernel (the default before the VNNI one)
             variants["sqplus_avx512"] = CpuBackend("avx512")
         if device == "cuda":  # our two CUDA paths forced, beside the default (by rows)
             variants.update(sqplus_stream=CudaBackend(path="stream"),
@@ -337,7 +347,8 @@ def render_markdown(rec: dict) -> str:
     mach = rec["machine"]
     dev = mach["device"]
     peers = (["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"])
-    peers += [p for p in ("vllm_wna16", "sqplus_avx512") if any(p in r["methods"] for r in rec["rows"])]
+    peers += [p for p in ("vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512")
+              if any(p in r["methods"] for r in rec["rows"])]
     variants = [] if dev == "cpu" else ["sqplus_stream", "sqplus_dequant"]
     lines = [f"# W4A16 kernel benchmark ({dev})", "",
              f"- machine: {mach['name']}, {mach['cpus']} cpus, torch threads {mach['torch_threads']}, "
@@ -437,8 +448,9 @@ def main(argv=None) -> int:
 
     rows, absent_all = [], {}
     hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
-           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>7} {'vs fma':>7}")
-    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16", "sqplus_avx512"] if dev == "cpu"
+           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>7} {'vs vnni':>7} {'vs fma':>7}")
+    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512"]
+                  if dev == "cpu"
                   else ["torch_f16", "torch_int4"])
     if dev == "cuda":
         hdr = hdr.replace("vs f32", "vs f16").replace(" vs bf16", "        ")

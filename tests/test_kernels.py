@@ -5,7 +5,8 @@ Tolerances (max|y - ref| / max|ref|, ref computed in float32 from the same codes
   float16 x: 1.5e-3 (output rounding to float16, 2^-11 relative per element)
   bfloat16 x: 8e-3  (output rounding to bfloat16, 2^-8 relative per element)
 The activations are rounded to x.dtype before the reference sees them, so only the output
-rounding separates the two. Every ISA this CPU has is run (CpuBackend(isa=...) picks one).
+rounding separates the two (and, for the avx512vnni kernel on 16-bit x, its int16 activations:
+2^-16 of each group's max|x| per element; test_vnni_kernel checks it against their twin). Every ISA this CPU has is run (CpuBackend(isa=...) picks one).
 Also here: the backend objects' choice (choose_backend, can_implement) and their errors.
 """
 import functools
@@ -20,7 +21,7 @@ from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.kernels import (CpuBackend, CudaBackend, W4A16Linear, available_backends,
                                  choose_backend, ops, pack_weights, resolve_backend, w4a16_matmul)
 from vllm_sqplus.kernels import backends
-from vllm_sqplus.kernels.cpu_layout import pack_cpu_reference, unpack_cpu
+from vllm_sqplus.kernels.cpu_layout import pack_cpu_reference, quantize_act_int16, unpack_cpu
 from vllm_sqplus.quant import dequantize_int4, quantize_int4
 
 needs_ext = pytest.mark.skipif(not ops.has_kernel("cpu"),
@@ -39,15 +40,21 @@ ISAS = ["scalar",
         pytest.param("avx2", marks=pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")),
                                                        reason="no AVX2+FMA")),
         pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has("avx512bw"), reason="no AVX-512")),
+        pytest.param("avx512vnni", marks=pytest.mark.skipif(not _cpu_has("avx512_vnni"),
+                                                             reason="no AVX-512 VNNI")),
         pytest.param("amx", marks=pytest.mark.skipif("not _amx()", reason="no usable AMX-BF16"))]
 
 
 def _amx() -> bool:
     # the kernel's own test (cpuid and Linux's grant of the tile state), not /proc/cpuinfo alone
-    return ops.has_kernel("cpu") and int(torch.ops.sqplus.w4a16_cpu_isa()) == 4
+    return (ops.has_kernel("cpu")
+            and int(torch.ops.sqplus.w4a16_cpu_isa()) == backends.CPU_ISAS["amx"])
 
 
 needs_amx = pytest.mark.skipif("not _amx()", reason="no usable AMX-BF16")
+needs_vnni = pytest.mark.skipif(not _cpu_has("avx512_vnni"), reason="no AVX-512 VNNI")
+VNNI, AMX, FMA512 = backends.CPU_ISAS["avx512vnni"], backends.CPU_ISAS["amx"], backends.CPU_ISAS["avx512"]
+AMX_MIN_ROWS = 5  # kAmxMinRows, csrc/cpu/w4a16_cpu.h
 
 
 @pytest.fixture(params=ISAS)
@@ -175,9 +182,9 @@ def test_all_isas_agree():
     x, q, s, z, b, ref = _problem(7, 320, 1024, 128, True, torch.float32, True, seed=5)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
     outs = {}
-    for isa in ["scalar", "avx2", "avx512", "amx"]:
+    for isa in ["scalar", "avx2", "avx512", "avx512vnni", "amx"]:
         if (isa == "avx2" and not _cpu_has("avx2") or isa == "avx512" and not _cpu_has("avx512bw")
-                or isa == "amx" and not _amx()):
+                or isa == "avx512vnni" and not _cpu_has("avx512_vnni") or isa == "amx" and not _amx()):
             continue
         outs[isa] = CpuBackend(isa).apply(x, {"qweight": qw, "scales": sp, "zeros": zp}, 128, b)
     assert len(outs) >= 2 or not _cpu_has("avx2"), outs.keys()
@@ -194,26 +201,107 @@ def test_all_isas_agree():
                                      (16, 320, 1024, 128), (17, 130, 384, 128), (37, 64, 256, -1),
                                      (5, 130, 100, -1), (20, 130, 92, -1), (33, 256, 4096, 128)])
 def test_amx_kernel(m, n, k, g):
-    # kernel 4 on bfloat16 x (AMX tiles on 128 + q, the offset removed per group) against the
+    # kernel 5 on bfloat16 x (AMX tiles on 128 + q, the offset removed per group) against the
     # AVX-512 FMA kernel on the same values in float32: both multiply exactly, so they differ by
-    # the summation order and by kernel 4's output rounding to bfloat16 (2^-8 relative). M = 1, 2
-    # (below kAmxMinRows) and groups that are not whole 32-k tile depths (K = 100) take the FMA
-    # kernel inside kernel 4;
-    # M > 16 takes several row blocks, N = 130 a partial 64-column tile. On float32 x kernel 4 is
-    # the FMA kernel, bit for bit.
+    # the summation order and by kernel 5's output rounding to bfloat16 (2^-8 relative). M = 1..4
+    # (below kAmxMinRows) and groups that are not whole 32-k tile depths (K = 100) take the VNNI
+    # kernel inside kernel 5, bit for bit; M > 16 takes several row blocks, N = 130 a partial
+    # 64-column tile. On float32 x kernel 5 is the FMA kernel, bit for bit.
     x, q, s, z, b, ref = _problem(m, n, k, g, True, torch.bfloat16, True, seed=11)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
     _poison(m * n, torch.bfloat16)
-    y4 = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, 4)
-    y3 = torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, 3)
-    assert y4.dtype == torch.bfloat16 and torch.isfinite(y4).all()
-    torch.testing.assert_close(y4.float(), y3, rtol=2**-8, atol=1e-5 * y3.abs().max().item())
-    assert _rel_err(y4, ref) < TOL[torch.bfloat16]
-    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, 4), y3)
-    if m >= 4 and (k if g == -1 else g) % 32 == 0 and -(-k // 8) * 8 % 32 == 0:
-        # the AMX path really ran (a silent fallback would equal the FMA kernel on bf16 x bit for
-        # bit; the AMX sums in another order, which moves some bfloat16 roundings)
-        assert not torch.equal(y4, torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, 3))
+    y5 = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, AMX)
+    y3 = torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, FMA512)
+    assert y5.dtype == torch.bfloat16 and torch.isfinite(y5).all()
+    assert _rel_err(y5, ref) < TOL[torch.bfloat16]
+    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, AMX), y3)
+    glen = -(-k // 8) * 8 if g == -1 else g  # the kernel's group length (per-channel: K padded to 8)
+    amx_runs = m >= AMX_MIN_ROWS and glen % 32 == 0
+    y4 = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, VNNI)
+    if amx_runs:
+        torch.testing.assert_close(y5.float(), y3, rtol=2**-8, atol=1e-5 * y3.abs().max().item())
+        # the AMX path really ran (a silent fallback would equal the VNNI kernel bit for bit)
+        assert not torch.equal(y5, y4)
+    else:
+        assert torch.equal(y5, y4)
+
+
+def _vnni_reference(x, q, s, z, g, bias):
+    """float64 x~ @ w.T (+ bias) with x~ = xscale * xq, the kernel's int16 activations (twin)."""
+    k = x.shape[1]
+    glen = -(-k // 8) * 8 if g == -1 else g
+    xq, xs = quantize_act_int16(x, glen)
+    xt = (xq.double().view(x.shape[0], -1, glen) if k % glen == 0 else
+          torch.nn.functional.pad(xq.double(), (0, glen - k % glen)).view(x.shape[0], -1, glen))
+    xt = (xt * xs.double().unsqueeze(-1)).view(x.shape[0], -1)[:, :k]
+    y = xt @ dequantize_int4(q, s, z, g, torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+@needs_ext
+@needs_vnni
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (2, 256, 512, 32), (3, 130, 384, 64),
+                                     (4, 192, 256, 128), (7, 130, 100, -1), (1, 64, 1024, -1),
+                                     (2, 130, 5000, -1), (9, 4096, 4096, 128)])
+def test_vnni_kernel(m, n, k, g, dtype):
+    # kernel 4 on 16-bit x equals x~ @ w.T with x~ its int16 activations (quantize_act_int16, the
+    # twin of the C++ quantizer) up to the output rounding to x.dtype and fp32 epilogue sums:
+    # M = 1, 2 take the masked-pair path on groups of <= 512 k's (g = 32..128, per-channel K=100),
+    # the shift path above (per-channel K = 1024, and K = 5000 where qmax drops to 28633 against
+    # int32 overflow), M = 3, 4, 7, 9 the 4-row blocks and their tails; N = 130 a partial tile
+    x, q, s, z, b, _ = _problem(m, n, k, g, True, dtype, True, seed=13)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    _poison(m * n, dtype)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, VNNI)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    ref = _vnni_reference(x, q, s, z, g, b)
+    out_ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    torch.testing.assert_close(y.double(), ref, rtol=out_ulp, atol=1e-6 * ref.abs().max().item())
+    # float32 x: the FMA kernel, bit for bit
+    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, VNNI),
+                       torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, FMA512))
+
+
+@needs_ext
+@needs_vnni
+@pytest.mark.parametrize("m,k,g", [(1, 512, -1), (2, 4096, -1), (1, 256, 128), (4, 4096, -1)])
+def test_vnni_int32_sums_do_not_overflow(m, k, g):
+    # the worst case of the documented bounds: every code 15, zero point 0, every x at +max, so
+    # each int32 lane sums len * 15 * qmax (per-channel K = 4096: 2.01e9 of 2^31) and, on the
+    # masked path (per-channel K = 512), the 16 q class len/2 * 240 * 32767 (2.01e9 too)
+    n = 64
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    gk = k if g == -1 else g
+    s = torch.full((n, k // gk), 0.01)
+    z = torch.zeros(n, k // gk, dtype=torch.uint8)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    x = torch.full((m, k), 3.0, dtype=torch.bfloat16)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, None, VNNI)
+    torch.testing.assert_close(y.float(), torch.full((m, n), 3.0 * 15 * 0.01 * k), rtol=2**-8, atol=0)
+
+
+@needs_ext
+@needs_vnni
+def test_vnni_activations_are_int16_per_group():
+    # the documented semantics, on an input where they show: a group with one outlier (1000) and
+    # elements 2^-17 of it (they quantize to 0) whose weights carry the whole output (the outlier's
+    # weight is 0). The kernel gives the twin's result (0 from that group), not the exact one.
+    k, n = 256, 64
+    x = torch.full((1, k), 1000.0 * 2**-17)
+    x[0, 0] = 1000.0
+    x[0, 128:] = 0.5  # second group: ordinary values
+    q = torch.full((n, k), 9, dtype=torch.uint8)
+    q[:, 0] = 8
+    s = torch.full((n, 2), 0.1)
+    z = torch.full((n, 2), 8, dtype=torch.uint8)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
+    xb = x.bfloat16()
+    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, VNNI).float()
+    exact = xb.float() @ dequantize_int4(q, s, z, 128, torch.float32).T
+    twin = _vnni_reference(xb, q, s, z, 128, None).float()
+    torch.testing.assert_close(y, twin, rtol=2**-8, atol=0)
+    assert (exact - y).abs().min() > 0.05 * 127 * 1000 * 2**-17 * 0.9  # the lost group-0 part
 
 
 @needs_ext
@@ -260,7 +348,8 @@ def test_errors():
 
 def test_cpu_isa_env_is_read_once_at_construction(monkeypatch):
     monkeypatch.setenv("SQPLUS_CPU_ISA", "sse")
-    with pytest.raises(SqplusError, match="SQPLUS_CPU_ISA must be scalar, avx2, avx512 or amx, got 'sse'"):
+    with pytest.raises(SqplusError,
+                       match="SQPLUS_CPU_ISA must be one of scalar, avx2, avx512, avx512vnni, amx, got 'sse'"):
         CpuBackend()
     monkeypatch.setenv("SQPLUS_CPU_ISA", "scalar")
     b = CpuBackend()

@@ -3,8 +3,9 @@
 // glue: checks whose messages print the shapes, the packing routine, activation pre-processing, the
 // split of N across threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the
 // scalar fallback and the ISA table. Which ISA runs is the caller's argument (`kernel`: 0 = best this
-// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512, 4 AMX: AMX-BF16 tiles for bfloat16 activations of at
-// least kAmxMinRows rows, AVX-512 for the others), decided once in Python by the CPU backend
+// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512 FMA, 4 AVX-512 VNNI: int16 dot products for 16-bit
+// activations, the FMA kernel for float32 ones, 5 AMX: AMX-BF16 tiles for bfloat16 activations of at
+// least kAmxMinRows rows, code 4 for the others), decided once in Python by the CPU backend
 // (vllm_sqplus/kernels/backends.py, which also reads the forcing env var, once); w4a16_cpu_isa() tells it
 // the best code this CPU supports (cpuid, read once per process).
 #include <ATen/ATen.h>
@@ -16,7 +17,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "w4a16_cpu.h"
@@ -51,7 +54,8 @@ void tile_scalar(const TileProblem& p) {
   }
 }
 
-// Best kernel code this CPU supports: 4 amx, 3 avx512, 2 avx2, 1 scalar.
+// Best kernel code this CPU supports: 5 amx, 4 avx512 vnni, 3 avx512, 2 avx2, 1 scalar (each CPU
+// with one of them has all below it).
 int64_t best_isa();
 
 namespace {
@@ -59,7 +63,7 @@ namespace {
 using TileFn = void (*)(const TileProblem&);
 
 struct CpuIsa {
-  bool avx2, avx512, amx;
+  bool avx2, avx512, vnni, amx;
 };
 
 // AMX-TILE and AMX-BF16 (cpuid leaf 7: edx bits 24 and 22), and Linux's grant of the tile data
@@ -82,17 +86,21 @@ const CpuIsa& cpu_isa() {
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
-    return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), avx512,
-                  avx512 && amx_usable()};
+    const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), avx512, vnni,
+                  vnni && amx_usable()};
   }();
   return isa;
 }
 
 // kernel code (see the file header), activation dtype, rows and group length -> tile function; 0 =
-// the best this CPU has. Code 4 runs the AMX kernel on bfloat16 activations of at least
-// kAmxMinRows rows whose groups are whole tile depths (32 k's), and the AVX-512 FMA kernel on the
-// rest (a float16 or float32 value does not always fit bfloat16; fewer rows leave the tiles empty).
+// the best this CPU has. Code 4 runs the VNNI kernel on 16-bit activations and the FMA kernel on
+// float32 ones (int16 keeps every bfloat16 / float16 value near its group's maximum, not a
+// float32 one's 24 bits). Code 5 runs the AMX kernel on bfloat16 activations of at least
+// kAmxMinRows rows whose groups are whole tile depths (32 k's), and code 4 on the rest (a float16
+// or float32 value does not always fit bfloat16; fewer rows leave the tiles empty).
 TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
+  const bool x16 = xt == at::kBFloat16 || xt == at::kHalf;
   if (kernel == 0) kernel = best_isa();
   switch (kernel) {
     case 1:
@@ -105,12 +113,18 @@ TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
                   "w4a16_gemm: kernel 3 (avx512) asked, but this CPU has no AVX-512 (f, bw, vl)");
       return tile_avx512;
     case 4:
-      TORCH_CHECK(cpu_isa().amx, "w4a16_gemm: kernel 4 (amx) asked, but this CPU has no AMX-BF16 "
+      TORCH_CHECK(cpu_isa().vnni, "w4a16_gemm: kernel 4 (avx512vnni) asked, but this CPU has no "
+                  "AVX-512 VNNI");
+      return x16 ? tile_vnni : tile_avx512;
+    case 5:
+      TORCH_CHECK(cpu_isa().amx, "w4a16_gemm: kernel 5 (amx) asked, but this CPU has no AMX-BF16 "
                   "(or the kernel did not grant this process the tile state)");
-      return xt == at::kBFloat16 && M >= kAmxMinRows && len % 32 == 0 ? tile_amx : tile_avx512;
+      return xt == at::kBFloat16 && M >= kAmxMinRows && len % 32 == 0 ? tile_amx
+             : x16                                                     ? tile_vnni
+                                                                       : tile_avx512;
     default:
-      TORCH_CHECK(false, "w4a16_gemm: kernel must be 0 (best), 1 (scalar), 2 (avx2), 3 (avx512) or "
-                  "4 (amx), got ", kernel);
+      TORCH_CHECK(false, "w4a16_gemm: kernel must be 0 (best), 1 (scalar), 2 (avx2), 3 (avx512), "
+                  "4 (avx512vnni) or 5 (amx), got ", kernel);
   }
   return tile_scalar;  // unreachable
 }
@@ -127,6 +141,37 @@ int64_t check_group(int64_t k, int64_t group_size, const char* what) {
   TORCH_CHECK(g % kChunkK == 0 || g == k, what, ": group_size ", group_size,
               " must be a multiple of 8 (or -1)");
   return g;
+}
+
+// Activations of the VNNI kernel (w4a16_vnni.cpp): per row m and group gi of `len` k's,
+//   xscale = max|x| / qmax,  xq[k] = round(x[k] / xscale),  xsum = xscale * sum(xq)
+// with qmax = 32767, lowered for long groups so that len * 15 * qmax < 2^31 (a group's int32 sum
+// of q * xq cannot overflow); K is padded to K8 with zeros. An all-zero group has xscale 0.
+template <typename T>
+void quantize_rows_int16(const T* xp, int64_t M, int64_t K, int64_t K8, int64_t G, int64_t len,
+                         int16_t* xq, float* xscale, float* xsum) {
+  const float qmax = static_cast<float>(std::min<int64_t>(32767, ((int64_t{1} << 31) - 1) / (15 * len)));
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = xp + m * K;
+      int16_t* qo = xq + m * K8;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t k0 = gi * len, k1 = std::min(K, k0 + len);
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(static_cast<float>(xr[k])));
+        const float inv = amax > 0.f ? qmax / amax : 0.f;
+        int32_t isum = 0;  // |isum| <= len * qmax < 2^31 / 15
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(xr[k]) * inv));
+          qo[k] = static_cast<int16_t>(v);
+          isum += v;
+        }
+        const float sx = amax / qmax;
+        xscale[m * G + gi] = sx;
+        xsum[m * G + gi] = sx * static_cast<float>(isum);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -175,7 +220,10 @@ std::vector<at::Tensor> w4a16_pack_cpu(const at::Tensor& q, const at::Tensor& sc
 }
 
 // x [..., K] (f32/bf16/f16) -> [..., N] in x.dtype = x @ ((q - z) * s).T + bias
-int64_t best_isa() { return cpu_isa().amx ? 4 : cpu_isa().avx512 ? 3 : cpu_isa().avx2 ? 2 : 1; }
+int64_t best_isa() {
+  const CpuIsa& c = cpu_isa();
+  return c.amx ? 5 : c.vnni ? 4 : c.avx512 ? 3 : c.avx2 ? 2 : 1;
+}
 
 at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t group_size,
@@ -216,18 +264,26 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
 
   // Activations once per call: float32, in nibble order and pre-scaled per nibble position (layout
   // note), K padded to 8 with zeros; plus the per-group sums that carry the zero points. The AMX
-  // kernel needs only the sums (it reads the bfloat16 activations as given, below).
+  // kernel needs only the sums (it reads the bfloat16 activations as given, below), the VNNI
+  // kernel int16 activations, their scales and sums (quantize_rows_int16).
   const int64_t len = G == 1 ? K8 : g;
   const TileFn kernel = tile_fn(kernel_code, xt, M, len);
-  const bool fma_input = kernel != tile_amx;
+  const bool fma_input = kernel != tile_amx && kernel != tile_vnni;
   std::vector<float> xs(fma_input ? M * K8 : 0, 0.0f), xsum(M * G, 0.0f);
+  std::vector<int16_t> xq(kernel == tile_vnni ? M * K8 : 0, 0);
+  std::vector<float> xscale(kernel == tile_vnni ? M * G : 0, 0.0f);
   // why the chunks of 8 with a constant j: the factor lookup and the 8 partial sums vectorize; a
   // per-element factor (with a division) and one running sum cost ~15 cycles an element, which
   // was a visible share of a K = 4864, M = 4 call
   static constexpr int kNibbleOf[kChunkK] = {0, 4, 1, 5, 2, 6, 3, 7};  // kOrder's inverse
   static constexpr float kFac[kChunkK] = {1.f,         1.f / 16,       1.f / 256,       1.f / 4096,
                                           1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
+  if (kernel == tile_vnni) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(xt, "w4a16_gemm_xq", [&] {
+      quantize_rows_int16(x2.data_ptr<scalar_t>(), M, K, K8, G, len, xq.data(), xscale.data(),
+                          xsum.data());
+    });
+  } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
     const scalar_t* xp = x2.data_ptr<scalar_t>();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
@@ -279,7 +335,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
         const int64_t n0 = t * kTileN, cols = std::min(kTileN, N - n0);
         std::fill(acc.begin(), acc.end(), 0.0f);
         TileProblem p{qp + t * (K8 / kChunkK) * kTileN, sp + n0, zp + n0, N, xs.data(), xsum.data(),
-                      xbp, M, K8, len, G, acc.data()};
+                      xbp, xq.data(), xscale.data(), M, K8, len, G, acc.data()};
         if (cols < kTileN) {  // last, partial tile: the kernels read 64 columns, give them padding
           spad.assign(G * kTileN, 0.0f);
           zpad.assign(G * kTileN, 0.0f);

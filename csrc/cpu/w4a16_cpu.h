@@ -55,10 +55,16 @@ struct TileProblem {
   const float* xsum;    // [M][G] plain (unscaled) sum of x over each group
   const uint16_t* xb;   // [M][K8] the bfloat16 activations as given (K zero-padded to 8), for
                         // tile_amx only (nullptr for the other kernels)
+  const int16_t* xq;    // [M][K8] activations quantized to int16 per row and group, natural k
+                        // order, for tile_vnni only (w4a16_vnni.cpp); nullptr otherwise
+  const float* xscale;  // [M][G] their scales (x ~ xscale * xq), tile_vnni only
   int64_t M, K8, group, G;  // group = k's per group (a multiple of 8, or K8 when G == 1)
   float* acc;           // [M][64] output accumulators, zeroed by the caller
 };
 
+// For tile_vnni (16-bit activations only) xsum holds xscale * sum(xq) instead: the sum of the
+// quantized activations the kernel multiplies (w4a16_vnni.cpp).
+//
 // Activations are pre-scaled once per call (w4a16_cpu.cpp, kFac): nibble j comes out of the AND
 // as q * 16^j for j < 7, so xs[c*8 + j] = x[c*8 + kOrder[j]] * 16^-j; nibble 7 is shifted down
 // instead (a shift avoids the int32 sign bit), so its factor is 1.
@@ -66,11 +72,11 @@ struct TileProblem {
 void tile_scalar(const TileProblem& p);
 void tile_avx2(const TileProblem& p);    // compiled with target("avx2,fma")
 void tile_avx512(const TileProblem& p);  // compiled with target("avx512f,...")
+void tile_vnni(const TileProblem& p);    // target("avx512vnni,..."): int16-quantized x (p.xq)
 void tile_amx(const TileProblem& p);     // target("amx-tile,amx-bf16,..."): bfloat16 x only (p.xb)
-// the AMX kernel from this many rows on, the AVX-512 FMA kernel below. Measured on a 2-core
-// Sapphire-Rapids-class VM, 1 thread, 1152x896 .. 4096x4096 (benchmarks/results/intel-xeon-2c/
-// kernels_cpu.md, column sqplus_avx512 = the FMA kernel): AMX 0.76-0.84x of FMA at M = 2,
-// 0.94-1.08x at M = 4, 1.5-1.8x at M = 8, 2.4-2.8x at M = 16
-constexpr int64_t kAmxMinRows = 4;
+// the AMX kernel from this many rows on, the VNNI kernel below (bfloat16 activations). Measured on
+// a 2-core Sapphire-Rapids-class VM, 1 thread, cold weights, time AMX / VNNI: M = 4: 0.95-1.12
+// (896x896 .. 4096x4096), M = 5: 0.80-1.03, M = 6: 0.71-0.96, M = 8: 0.57-0.82
+constexpr int64_t kAmxMinRows = 5;
 
 }  // namespace sqplus_cpu

@@ -10,8 +10,9 @@ The model is vLLM's MPLinearKernel. Every backend has
 q, scales, zeros are quantize_int4's: q uint8 [N, K], scales [N, K/g], zeros uint8 [N, K/g].
 
   ReferenceBackend  dequantize_int4 + matmul in float32, any device: the ground truth
-  CpuBackend        csrc/cpu: AMX > AVX-512 > AVX2+FMA > scalar, chosen once when the object is built
-                    (env SQPLUS_CPU_ISA=scalar|avx2|avx512|amx forces one, read there, once)
+  CpuBackend        csrc/cpu: AMX > AVX-512 VNNI > AVX-512 > AVX2+FMA > scalar, chosen once when the
+                    object is built (env SQPLUS_CPU_ISA=scalar|avx2|avx512|avx512vnni|amx forces one,
+                    read there, once)
   CudaBackend       csrc/cuda: sm_80+, N % 64 == 0, group % 32 == 0; rows decide stream kernel vs
                     dequantize + cuBLAS (env SQPLUS_CUDA_DEQUANT_M moves the threshold, read once)
   VllmMPBackend     vLLM's own mixed-precision kernels (kernels/vllm_mp.py, built by the plugin)
@@ -41,8 +42,11 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_CPU_ISA = "SQPLUS_CPU_ISA"
 ENV_CUDA_DEQUANT_M = "SQPLUS_CUDA_DEQUANT_M"
 # the `kernel` argument of sqplus::w4a16_gemm on the CPU (csrc/ops.cpp); 0 would be "best"
-# amx: AMX-BF16 tiles for bfloat16 activations of 4+ rows (kAmxMinRows), AVX-512 FMA for the rest (csrc/cpu/w4a16_amx.cpp)
-CPU_ISAS = {"scalar": 1, "avx2": 2, "avx512": 3, "amx": 4}
+# avx512: FMA on float32 activations; avx512vnni: int16 activations (per row and group) times the
+# codes with vpdpwssd for bfloat16/float16 x, FMA for float32 x (csrc/cpu/w4a16_vnni.cpp); amx:
+# AMX-BF16 tiles for bfloat16 activations of 5+ rows (kAmxMinRows), avx512vnni for the rest
+# (csrc/cpu/w4a16_amx.cpp). Every CPU with one of them has all below it.
+CPU_ISAS = {"scalar": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4, "amx": 5}
 CUDA_PATHS = {"auto": 0, "stream": 1, "dequant": 2}
 
 
@@ -99,7 +103,7 @@ class ReferenceBackend(W4A16Backend):
 class CpuBackend(W4A16Backend):
     """sqplus::w4a16_pack / w4a16_gemm on CPU tensors (layout: csrc/cpu/w4a16_cpu.h).
 
-    isa: "scalar" | "avx2" | "avx512" | "amx" | "auto" (the best this CPU has); None reads SQPLUS_CPU_ISA
+    isa: "scalar" | "avx2" | "avx512" | "avx512vnni" | "amx" | "auto" (the best this CPU has); None reads SQPLUS_CPU_ISA
     (unset: auto). Checked here, once: an ISA this CPU lacks is an error now, not at the first GEMM.
     """
 
@@ -111,7 +115,7 @@ class CpuBackend(W4A16Backend):
         if isa is None:
             isa, src = os.environ.get(ENV_CPU_ISA) or "auto", ENV_CPU_ISA
         if isa != "auto" and isa not in CPU_ISAS:
-            raise SqplusError(f"{src} must be scalar, avx2, avx512 or amx, got {isa!r}")
+            raise SqplusError(f"{src} must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
         self.unavailable = None if ops.has_kernel("cpu") else (
             ops.LOAD_ERROR or "the extension was built without a CPU kernel")
         if self.unavailable:

@@ -10,7 +10,7 @@ import torch
 
 from vllm_sqplus.kernels.ops import CHUNK_K, TILE_N
 
-__all__ = ["pack_cpu_reference", "unpack_cpu"]
+__all__ = ["pack_cpu_reference", "unpack_cpu", "quantize_act_int16"]
 
 # bit offset of the code of k offset o (0..7) in its int32: nibble j = (0, 4, 1, 5, 2, 6, 3, 7)[o]
 _SHIFTS = 4 * torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], dtype=torch.int64)
@@ -34,3 +34,24 @@ def unpack_cpu(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
     nib = (words.unsqueeze(-1) >> _SHIFTS) & 0xF                       # [Nt, K8/8, 64, 8]
     q = nib.permute(0, 2, 1, 3).reshape(nt * TILE_N, kc * CHUNK_K)     # [Nt*64, K8]
     return q[:n, :k].to(torch.uint8)
+
+
+def quantize_act_int16(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VNNI kernel's activations (csrc/cpu/w4a16_cpu.cpp, quantize_rows_int16), bit for bit.
+
+    x [M, K] (bfloat16/float16) and the kernel's group length (`group`, or K rounded up to 8 for
+    per-channel) -> (xq int16 [M, K], xscale float32 [M, G]) with xq = round_half_even(x * (qmax /
+    amax)) in float32 and xscale = amax / qmax per row and group, amax = max|x| over the group,
+    qmax = min(32767, (2^31 - 1) // (15 * group)); an all-zero group has scale 0 and codes 0.
+    x is approximated by xscale * xq.
+    """
+    m, k = x.shape
+    qmax = float(min(32767, (2**31 - 1) // (15 * group)))
+    g = -(-k // group)
+    xp = torch.zeros(m, g * group, dtype=torch.float32)
+    xp[:, :k] = x.float()
+    xg = xp.view(m, g, group)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(qmax, dtype=torch.float32) / amax, torch.zeros_like(amax))
+    xq = (xg * inv.unsqueeze(-1)).round().to(torch.int16).view(m, -1)[:, :k]
+    return xq, amax / qmax
