@@ -143,34 +143,18 @@ int64_t check_group(int64_t k, int64_t group_size, const char* what) {
   return g;
 }
 
-// Activations of the VNNI kernel (w4a16_vnni.cpp): per row m and group gi of `len` k's,
-//   xscale = max|x| / qmax,  xq[k] = round(x[k] / xscale),  xsum = xscale * sum(xq)
-// with qmax = 32767, lowered for long groups so that len * 15 * qmax < 2^31 (a group's int32 sum
-// of q * xq cannot overflow); K is padded to K8 with zeros. An all-zero group has xscale 0.
-template <typename T>
-void quantize_rows_int16(const T* xp, int64_t M, int64_t K, int64_t K8, int64_t G, int64_t len,
+// Activations of the VNNI kernel (w4a16_vnni.cpp, quantize_row_vnni): per row m and group gi of
+// `len` k's, xscale = max|x| / qmax, xq[k] = round(x[k] / xscale), xsum = xscale * sum(xq), with
+// qmax = 32767, lowered for long groups so that len * 15 * qmax < 2^31 (a group's int32 sum of
+// q * xq cannot overflow); K is padded to K8 with zeros. An all-zero group has xscale 0.
+void quantize_rows_int16(const at::Tensor& x2, int64_t M, int64_t K, int64_t K8, int64_t G, int64_t len,
                          int16_t* xq, float* xscale, float* xsum) {
   const float qmax = static_cast<float>(std::min<int64_t>(32767, ((int64_t{1} << 31) - 1) / (15 * len)));
+  const bool bf16 = x2.scalar_type() == at::kBFloat16;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* xr = xp + m * K;
-      int16_t* qo = xq + m * K8;
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t k0 = gi * len, k1 = std::min(K, k0 + len);
-        float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(static_cast<float>(xr[k])));
-        const float inv = amax > 0.f ? qmax / amax : 0.f;
-        int32_t isum = 0;  // |isum| <= len * qmax < 2^31 / 15
-        for (int64_t k = k0; k < k1; ++k) {
-          const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(xr[k]) * inv));
-          qo[k] = static_cast<int16_t>(v);
-          isum += v;
-        }
-        const float sx = amax / qmax;
-        xscale[m * G + gi] = sx;
-        xsum[m * G + gi] = sx * static_cast<float>(isum);
-      }
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row_vnni(xp + m * K, bf16, K, G, len, qmax, xq + m * K8, xscale + m * G, xsum + m * G);
   });
 }
 
@@ -279,10 +263,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   static constexpr float kFac[kChunkK] = {1.f,         1.f / 16,       1.f / 256,       1.f / 4096,
                                           1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
   if (kernel == tile_vnni) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(xt, "w4a16_gemm_xq", [&] {
-      quantize_rows_int16(x2.data_ptr<scalar_t>(), M, K, K8, G, len, xq.data(), xscale.data(),
-                          xsum.data());
-    });
+    quantize_rows_int16(x2, M, K, K8, G, len, xq.data(), xscale.data(), xsum.data());
   } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
     const scalar_t* xp = x2.data_ptr<scalar_t>();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {

@@ -73,6 +73,11 @@ void tile_scalar(const TileProblem& p);
 void tile_avx2(const TileProblem& p);    // compiled with target("avx2,fma")
 void tile_avx512(const TileProblem& p);  // compiled with target("avx512f,...")
 void tile_vnni(const TileProblem& p);    // target("avx512vnni,..."): int16-quantized x (p.xq)
+// one row of the VNNI kernel's activations (K bfloat16 or float16 values as bits): per group of
+// `len` k's xscale = max|x| / qmax, xq = round_half_even(x * (qmax / max|x|)), xsum = xscale *
+// sum(xq); xq is written for k < K only (the caller zero-fills the padding to K8)
+void quantize_row_vnni(const uint16_t* x, bool bf16, int64_t K, int64_t G, int64_t len, float qmax,
+                       int16_t* xq, float* xscale, float* xsum);
 void tile_amx(const TileProblem& p);     // target("amx-tile,amx-bf16,..."): bfloat16 x only (p.xb)
 // the AMX kernel from this many rows on, the VNNI kernel below (bfloat16 activations). Measured on
 // a 2-core Sapphire-Rapids-class VM, 1 thread, cold weights, time AMX / VNNI: M = 4: 0.95-1.12

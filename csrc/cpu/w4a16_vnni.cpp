@@ -22,6 +22,8 @@
 // (xsum of the quantized x, so a column whose codes all equal its zero point gives exactly 0).
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "w4a16_cpu.h"
 
 #pragma GCC push_options
@@ -121,6 +123,41 @@ void tile_vnni(const TileProblem& p) {
       case 1: mask ? group_vnni<1, true>(p, gi, k0, len, m) : group_vnni<1, false>(p, gi, k0, len, m); break;
       default: break;
     }
+  }
+}
+
+namespace {
+
+// 16 activations (bfloat16 or float16 bits) from k, the lanes past `cnt` zero, as float32
+inline __m512 load16(const uint16_t* x, int64_t cnt, bool bf16) {
+  const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, x);
+  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+}  // namespace
+
+void quantize_row_vnni(const uint16_t* x, bool bf16, int64_t K, int64_t G, int64_t len, float qmax,
+                       int16_t* xq, float* xscale, float* xsum) {
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t k0 = gi * len, k1 = std::min(K, k0 + len);
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16)
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x + k, k1 - k, bf16)));
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float inv = amax > 0.f ? qmax / amax : 0.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i isum = _mm512_setzero_si512();  // |sum| <= len * qmax < 2^31 / 15
+    for (int64_t k = k0; k < k1; k += 16) {
+      const int64_t cnt = k1 - k;
+      // round half to even (the default MXCSR mode, as std::nearbyint and torch.round)
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + k, cnt, bf16), vinv));
+      isum = _mm512_add_epi32(isum, qi);
+      _mm512_mask_cvtsepi32_storeu_epi16(xq + k, cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1), qi);
+    }
+    const float sx = amax / qmax;
+    xscale[gi] = sx;
+    xsum[gi] = sx * static_cast<float>(_mm512_reduce_add_epi32(isum));
   }
 }
 
