@@ -24,8 +24,9 @@ Timing: CPU: median of many single calls in one process, the methods interleaved
 CUDA: each method's calls are captured in one CUDA graph (64 calls cycling the weight copies; vLLM
 replays graphs for decode too, and a torch op's ~20 us host cost would otherwise hide the kernel),
 replays interleaved method by method, median per-call time. Weights are "cold" by default: each call reads
-the next of several copies, enough that they exceed 3x the last-level cache (32 MiB L3 here; 50 MiB
-L2 on H100), so GB/s means memory, not cache (--warm: one copy). GB/s = weight bytes the method
+the next of several copies, enough that they exceed 3x the last-level cache (50 MiB L2 on H100)
+or 1 GiB (COLD_BYTES; a VM's sysfs reports its host's L3), so GB/s means memory, not cache (--warm:
+one copy). GB/s = weight bytes the method
 reads (codes + scales + zeros) / time; %BW compares it with this machine's read bandwidth, measured
 here as the median time of a large-array sum. Ratios > 1 mean ours is faster.
 """
@@ -77,16 +78,20 @@ def _cpu_flags() -> list[str]:
 def _llc_bytes(device: str) -> int:
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
-    try:  # largest cache level of cpu0
-        sizes = []
-        base = "/sys/devices/system/cpu/cpu0/cache"
-        for idx in os.listdir(base):
+    sizes = []  # largest cache level of cpu0 (an index without a readable size is skipped)
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        entries = []
+    for idx in entries:
+        try:
             s = open(os.path.join(base, idx, "size")).read().strip()
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
             sizes.append(int(s.rstrip("KMG")) * mult)
-        return max(sizes)
-    except OSError:
-        return 32 << 20
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes) if sizes else 32 << 20
 
 
 def machine_slug(device: str) -> str:
@@ -192,11 +197,19 @@ def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15, clock=time.pe
 
 
 # ------------------------------------------------------------------------------------ methods
+# cold weights: copies of a method's weights totalling 3x the last-level cache, at most this much
+# (a cyclic walk over more than the cache misses every time under LRU-like replacement). Why the
+# cap and not 32 copies as before: a VM reports its host's L3 (480 MiB on the Xeon VM), and a
+# streaming read there runs at 29 GB/s up to 64 MiB, 22 at 128 MiB and 15 from 256 MiB on, so 11
+# copies of a 9 MiB weight (what the unreadable-L3 fallback of 32 MiB gave) were partly in cache.
+COLD_BYTES = 1 << 30
+
+
 class Rotor:
     """Calls fn(copy) on copies of its weights in turn, so each call reads weights not in cache."""
 
     def __init__(self, make, nbytes: int, llc: int, warm: bool):
-        self.n = 1 if warm else max(1, min(32, math.ceil(3 * llc / max(nbytes, 1))))
+        self.n = 1 if warm else max(1, math.ceil(min(3 * llc, COLD_BYTES) / max(nbytes, 1)))
         self.copies = [make() for _ in range(self.n)]
         self.i = 0
 
@@ -391,6 +404,7 @@ def write_record(rec: dict, out: str) -> None:
 
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
+    global COLD_BYTES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--m", default=",".join(map(str, MS)), help="comma list of M (tokens)")
@@ -402,6 +416,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
+    ap.add_argument("--cold-gib", type=float, default=COLD_BYTES / 2**30,
+                    help="cold weights: the copies of each method total min(3x LLC, this) (default 1)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/<machine>/kernels_<dev>.json)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth probe")
@@ -412,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", action="append", default=[],
                     help="with --from-json: add a note (analysis) to the record and its markdown")
     args = ap.parse_args(argv)
+    COLD_BYTES = int(args.cold_gib * 2**30)
     if args.from_json:
         rec = json.load(open(args.from_json))
         rec["notes"] = rec.get("notes", []) + args.note
@@ -500,7 +517,7 @@ def main(argv=None) -> int:
                           "loadavg_start": load0, "loadavg_end": load1},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
-              "read_bandwidth_GBps": bw, "warm": args.warm, "clock": args.clock, "activation_dtype": str(act),
+              "read_bandwidth_GBps": bw, "warm": args.warm, "cold_bytes": COLD_BYTES, "clock": args.clock, "activation_dtype": str(act),
               "absent": absent_all, "rows": rows}
     record["machine"]["slug"] = machine_slug(dev)
     write_record(record, args.out or os.path.join(RESULTS, record["machine"]["slug"], f"kernels_{dev}.json"))

@@ -18,7 +18,7 @@ from vllm_sqplus.kernels import ops  # noqa: E402
 def test_kernel_bench_cpu_writes_record(tmp_path):
     out = tmp_path / "k.json"
     assert kernel_bench.main(["--shapes", "128x256", "--m", "1,3", "--min-time", "0.001",
-                              "--bandwidth-gib", "0.002", "--threads", "1", "--out", str(out)]) == 0
+                              "--bandwidth-gib", "0.002", "--cold-gib", "0.01", "--threads", "1", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["machine"]["device"] == "cpu" and rec["machine"]["slug"]
     assert [r["M"] for r in rec["rows"]] == [1, 3]
@@ -51,3 +51,24 @@ def test_gptq_layer_time_writes_record_and_the_orders_differ_only_after_the_firs
     assert d["self_attn.q_proj"] == d["self_attn.k_proj"] == d["self_attn.v_proj"] == 0.0
     assert d["mlp.down_proj"] > 0.0
     assert rec["command"].startswith("python benchmarks/gptq_layer_time.py") and rec["machine"]
+
+
+def test_act_int16_error_writes_record_and_int16_stays_below_bf16_rounding(tmp_path):
+    """benchmarks/act_int16_error.py on a tiny saved model: one row per linear type, the int16
+    activations' error below the bfloat16 output rounding (their documented bound is 2^-16 of a
+    group's max|x| per element), and the round trip is the twin's."""
+    import torch
+    import act_int16_error
+    from tiny import save_tiny
+    src = save_tiny(tmp_path / "m", "qwen2", dtype=torch.bfloat16)
+    out = tmp_path / "a.json"
+    assert act_int16_error.main(["--model", str(src), "--tokens", "64", "--group-size", "64", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert {r["linear"] for r in rec["rows"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"}
+    for r in rec["rows"]:
+        assert 0 < r["int16_median"] < r["bf16_out_median"] and r["int16_max"] < r["bf16_out_max"]
+    assert "| down_proj | 2 |" in (tmp_path / "a.md").read_text()
+    x = (torch.randn(3, 128) * torch.linspace(0.01, 50, 128)).bfloat16()
+    err = (act_int16_error.int16_roundtrip(x, 64) - x.float()).abs().view(3, 2, 64)
+    assert (err <= x.float().abs().view(3, 2, 64).amax(-1, keepdim=True) * 2**-16 * 1.0001).all()
