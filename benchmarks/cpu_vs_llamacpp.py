@@ -67,6 +67,11 @@ VARIANTS = {
     "int4_bf16_vllmkernel": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"kernel_backend": "vllm"}},
     "int4_bf16_vllmkernel+lmhead8": {"llm": {**SQ, "dtype": "bfloat16"},
                                      "qconfig": {"kernel_backend": "vllm", "lm_head": "int8"}},
+    # vLLM's compiled mode (torch.compile of the model with our op inside; what a user gets
+    # without enforce_eager); every other variant runs eager
+    "int4_bf16_compiled": {"llm": {**SQ, "dtype": "bfloat16", "enforce_eager": False}},
+    "int4_bf16+lmhead4_compiled": {"llm": {**SQ, "dtype": "bfloat16", "enforce_eager": False},
+                                   "qconfig": {"lm_head": "int4"}},
 }
 
 
@@ -294,7 +299,8 @@ def _tree_cpu(pid: int) -> float:
 def ours_worker(model: str, variant: dict, batches: list[int], tokens: int, reps: int) -> dict:
     from vllm import LLM, SamplingParams
     kw = dict(model=model, enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=KV_CACHE_BYTES,
-              max_num_seqs=max(batches), **variant.get("llm", {}))
+              max_num_seqs=max(batches))
+    kw.update(variant.get("llm", {}))  # a variant may turn enforce_eager off
     if variant.get("qconfig"):
         base = json.loads((Path(model) / "config.json").read_text()).get("quantization_config") or {}
         kw["hf_overrides"] = {"quantization_config": {"quant_method": "smoothquant_plus", **base,
@@ -389,7 +395,8 @@ def _markdown(rec: dict) -> str:
                   f"{q.get('tensor_types')}, non-block tensors {q.get('non_block_tensors')}",
                   "- llama.cpp batch 1: `llama-bench -p 0 -n T -d 32` (avg_ts); batch 4/16: `llama-batched-bench "
                   "-npp 32 -ntg T` speed_tg (parallel decode), both under `taskset -c` on the cores ours uses"]
-    lines += ["- ours: vLLM (enforce_eager), `VLLM_CPU_OMP_THREADS_BIND` = the cores; 'threads seen' = "
+    lines += ["- ours: vLLM (enforce_eager, except variants named `_compiled`: vLLM's compiled mode), "
+              "`VLLM_CPU_OMP_THREADS_BIND` = the cores; 'threads seen' = "
               "torch.get_num_threads() in the model's process / its threads busy (CPU time >= half the busiest's) "
               "during the largest batch's decode, with their shares of the wall time", ""]
     variants = list(dict.fromkeys(r["variant"] for r in rec["ours"]))

@@ -18,6 +18,8 @@ def test_every_variant_is_valid_for_the_plugin():
     for name, spec in cvl.VARIANTS.items():
         assert set(spec) <= {"llm", "env", "qconfig"}, name
         assert spec["llm"]["dtype"] in ("float32", "bfloat16"), name
+        # vLLM's compiled mode exactly where the name says so (every other variant runs eager)
+        assert spec["llm"].get("enforce_eager", True) is (not name.endswith("_compiled")), name
         if spec.get("qconfig"):  # the keys the plugin reads must pass its one reader
             assert spec["llm"].get("quantization") == "smoothquant_plus", name
             cfg = parse_config({"quant_method": "smoothquant_plus", **spec["qconfig"]}, env={})

@@ -2,6 +2,7 @@
 command line, and the perplexity arithmetic with fake vLLM logprobs."""
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -199,3 +200,13 @@ def test_benchmark_report_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     rec = json.loads((tmp_path / "latency_t.json").read_text())
     assert rec["benchmark"] == "latency" and rec["results"] == rows and rec["config"] == {"model": "m"}
     assert (tmp_path / "latency_t.png").stat().st_size > 1000
+
+
+def test_humaneval_summary_names_the_cpu_model():
+    import torch
+    from vllm_sqplus.eval.cli import machine_name
+    if torch.cuda.is_available():
+        assert machine_name() == torch.cuda.get_device_name(0)
+        return
+    models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+    assert machine_name() == f"{models[0]}, {os.cpu_count()} cpus"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -68,13 +69,33 @@ def run_humaneval(args) -> int:
     he.write_jsonl(samples_path, samples)
     p1, res_path, results = he.score_file(str(samples_path), args.data, args.workers)
     info.update({"pass@1": p1, "passed": sum(r["passed"] for r in results), "samples": str(samples_path),
-                 "results": str(res_path), "sandbox": he.sandbox_summary(), "machine": platform.platform(),
+                 "results": str(res_path), "sandbox": he.sandbox_summary(), "machine": machine_name(),
+                 "platform": platform.platform(),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "sqplus " + " ".join(sys.argv[1:])})
-    (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
     print(json.dumps(info, indent=2))
     print(f"pass@1 = {p1:.4f} ({info['passed']}/{len(results)})")
     return 0
+
+
+def machine_name() -> str:
+    """The CPU model and core count (or the GPU's name where torch sees one), as results record it."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cpus"
 
 
 def run_ppl(args) -> int:
