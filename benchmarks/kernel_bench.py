@@ -24,8 +24,8 @@ Timing: CPU: median of many single calls in one process, the methods interleaved
 CUDA: each method's calls are captured in one CUDA graph (64 calls cycling the weight copies; vLLM
 replays graphs for decode too, and a torch op's ~20 us host cost would otherwise hide the kernel),
 replays interleaved method by method, median per-call time. Weights are "cold" by default: each call reads
-the next of several copies, enough that they exceed 3x the last-level cache (50 MiB L2 on H100)
-or 1 GiB (COLD_BYTES; a VM's sysfs reports its host's L3), so GB/s means memory, not cache (--warm:
+the next of several copies, enough that they exceed 3x the last-level cache (50 MiB L2 on H100),
+at most 512 MiB (COLD_BYTES; a VM's sysfs reports its host's L3), so GB/s means memory, not cache (--warm:
 one copy). GB/s = weight bytes the method
 reads (codes + scales + zeros) / time; %BW compares it with this machine's read bandwidth, measured
 here as the median time of a large-array sum. Ratios > 1 mean ours is faster.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -202,7 +203,7 @@ def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15, clock=time.pe
 # cap and not 32 copies as before: a VM reports its host's L3 (480 MiB on the Xeon VM), and a
 # streaming read there runs at 29 GB/s up to 64 MiB, 22 at 128 MiB and 15 from 256 MiB on, so 11
 # copies of a 9 MiB weight (what the unreadable-L3 fallback of 32 MiB gave) were partly in cache.
-COLD_BYTES = 1 << 30
+COLD_BYTES = 1 << 29  # 512 MiB: 4x this VM's effective L3; 8 methods' copies then fit in 24 GiB
 
 
 class Rotor:
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
     ap.add_argument("--cold-gib", type=float, default=COLD_BYTES / 2**30,
-                    help="cold weights: the copies of each method total min(3x LLC, this) (default 1)")
+                    help="cold weights: the copies of each method total min(3x LLC, this) (default 0.5)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/<machine>/kernels_<dev>.json)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth probe")
@@ -476,6 +477,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         q, s, z = quantize_int4(torch.randn(n, k) * 0.02, args.group_size)
         q, s, z = q.to(dev), s.to(dev), z.to(dev)
+        methods = fns = xs = None  # the previous shape's weight copies go before the next's are made
+        gc.collect()
         methods, absent, w32 = build_methods(q, s, z, args.group_size, dev, act, llc, args.warm)
         absent_all.update(absent)
         err = check_ours(methods["sqplus"][0], w32, k, dev, act) if "sqplus" in methods else None
