@@ -203,7 +203,8 @@ def read_bandwidth(device: str, gib: float = 1.0, iters: int = 15, clock=time.pe
 # cap and not 32 copies as before: a VM reports its host's L3 (480 MiB on the Xeon VM), and a
 # streaming read there runs at 29 GB/s up to 64 MiB, 22 at 128 MiB and 15 from 256 MiB on, so 11
 # copies of a 9 MiB weight (what the unreadable-L3 fallback of 32 MiB gave) were partly in cache.
-COLD_BYTES = 1 << 29  # 512 MiB: 4x this VM's effective L3; 8 methods' copies then fit in 24 GiB
+DEFAULT_COLD_BYTES = 1 << 29  # 512 MiB: 4x this VM's effective L3; 8 methods' copies: 4 GiB
+COLD_BYTES = DEFAULT_COLD_BYTES  # set by main() from --cold-gib, for each run
 
 
 class Rotor:
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per measurement")
     ap.add_argument("--warm", action="store_true", help="one weight copy (cache-resident if it fits)")
-    ap.add_argument("--cold-gib", type=float, default=COLD_BYTES / 2**30,
+    ap.add_argument("--cold-gib", type=float, default=DEFAULT_COLD_BYTES / 2**30,
                     help="cold weights: the copies of each method total min(3x LLC, this) (default 0.5)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/<machine>/kernels_<dev>.json)")

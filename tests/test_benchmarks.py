@@ -71,4 +71,4 @@ def test_act_int16_error_writes_record_and_int16_stays_below_bf16_rounding(tmp_p
     assert "| down_proj | 2 |" in (tmp_path / "a.md").read_text()
     x = (torch.randn(3, 128) * torch.linspace(0.01, 50, 128)).bfloat16()
     err = (act_int16_error.int16_roundtrip(x, 64) - x.float()).abs().view(3, 2, 64)
-    assert (err <= x.float().abs().view(3, 2, 64).amax(-1, keepdim=True) * 2**-16 * 1.0001).all()
+    assert (err <= x.float().abs().view(3, 2, 64).amax(-1, keepdim=True) * 2**-16 * 1.01).all()

@@ -208,5 +208,8 @@ def test_humaneval_summary_names_the_cpu_model():
     if torch.cuda.is_available():
         assert machine_name() == torch.cuda.get_device_name(0)
         return
-    models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+    models = ([ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+              if os.path.exists("/proc/cpuinfo") else [])
+    if not models:
+        pytest.skip("no 'model name' in /proc/cpuinfo (the fallback names the platform's processor)")
     assert machine_name() == f"{models[0]}, {os.cpu_count()} cpus"

@@ -178,7 +178,8 @@ def test_pack_nibble_order_is_the_documented_one():
 
 @needs_ext
 def test_all_isas_agree():
-    # the decode is shared; different ISAs differ only in summation order
+    # the decode is shared; different ISAs differ only in summation order. float32 x: avx512vnni
+    # and amx run the FMA kernel here (their own paths: test_vnni_kernel, test_amx_kernel)
     x, q, s, z, b, ref = _problem(7, 320, 1024, 128, True, torch.float32, True, seed=5)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
     outs = {}
@@ -242,14 +243,16 @@ def _vnni_reference(x, q, s, z, g, bias):
 @needs_vnni
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (2, 256, 512, 32), (3, 130, 384, 64),
-                                     (4, 192, 256, 128), (7, 130, 100, -1), (1, 64, 1024, -1),
-                                     (2, 130, 5000, -1), (9, 4096, 4096, 128)])
+                                     (4, 192, 256, 128), (1, 130, 100, -1), (2, 130, 100, -1),
+                                     (7, 130, 100, -1), (1, 64, 1024, -1), (2, 130, 5000, -1),
+                                     (9, 4096, 4096, 128)])
 def test_vnni_kernel(m, n, k, g, dtype):
     # kernel 4 on 16-bit x equals x~ @ w.T with x~ its int16 activations (quantize_act_int16, the
     # twin of the C++ quantizer) up to the output rounding to x.dtype and fp32 epilogue sums:
-    # M = 1, 2 take the masked-pair path on groups of <= 512 k's (g = 32..128, per-channel K=100),
-    # the shift path above (per-channel K = 1024, and K = 5000 where qmax drops to 28633 against
-    # int32 overflow), M = 3, 4, 7, 9 the 4-row blocks and their tails; N = 130 a partial tile
+    # M = 1, 2 take the masked-pair path on groups of <= 512 k's (g = 32..128, and per-channel
+    # K = 100: a 104-k group with a K % 16 tail in the quantizer), the shift path above (per-channel
+    # K = 1024, and K = 5000 where qmax drops to 28633 against int32 overflow), M = 3, 4, 7, 9 the
+    # 4-row blocks and their tails; N = 130 a partial tile
     x, q, s, z, b, _ = _problem(m, n, k, g, True, dtype, True, seed=13)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
     _poison(m * n, dtype)
@@ -265,11 +268,13 @@ def test_vnni_kernel(m, n, k, g, dtype):
 
 @needs_ext
 @needs_vnni
-@pytest.mark.parametrize("m,k,g", [(1, 512, -1), (2, 4096, -1), (1, 256, 128), (4, 4096, -1)])
+@pytest.mark.parametrize("m,k,g", [(1, 512, -1), (2, 4096, -1), (1, 256, 128), (4, 4096, -1),
+                                   (1, 4376, -1), (2, 8192, -1)])
 def test_vnni_int32_sums_do_not_overflow(m, k, g):
     # the worst case of the documented bounds: every code 15, zero point 0, every x at +max, so
-    # each int32 lane sums len * 15 * qmax (per-channel K = 4096: 2.01e9 of 2^31) and, on the
-    # masked path (per-channel K = 512), the 16 q class len/2 * 240 * 32767 (2.01e9 too)
+    # each int32 lane sums len * 15 * qmax (per-channel K = 4096: 2.01e9 of 2^31; K = 4376, where
+    # qmax is lowered to 32716: 2,147,478,240, 5 407 below 2^31 - 1) and, on the masked path
+    # (per-channel K = 512), the 16 q class len/2 * 240 * 32767 (2.01e9 too)
     n = 64
     q = torch.full((n, k), 15, dtype=torch.uint8)
     gk = k if g == -1 else g
@@ -279,6 +284,29 @@ def test_vnni_int32_sums_do_not_overflow(m, k, g):
     x = torch.full((m, k), 3.0, dtype=torch.bfloat16)
     y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, None, VNNI)
     torch.testing.assert_close(y.float(), torch.full((m, n), 3.0 * 15 * 0.01 * k), rtol=2**-8, atol=0)
+
+
+@needs_ext
+@needs_vnni
+def test_vnni_non_finite_and_tiny_groups():
+    # a NaN or an infinity makes its group's outputs NaN (as the FMA kernel's would be: NaN or
+    # inf), other groups' rows stay exact; a group of tiny values (amax 1e-36 < 32767 / FLT_MAX)
+    # keeps finite codes (factor clamped), and the twin agrees on all of it
+    k, n = 256, 64
+    q, s, z = quantize_int4(torch.randn(n, k) * 0.05, 128)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
+    x = torch.randn(4, k)
+    x[0, 5] = float("nan")
+    x[1, 200] = float("inf")
+    x[3, :128] = 1e-36
+    xb = x.bfloat16()
+    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, VNNI).float()
+    assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all() and torch.isfinite(y[2:]).all()
+    xq, xs = quantize_act_int16(xb, 128)
+    assert torch.isnan(xs[0, 0]) and not torch.isnan(xs[0, 1]) and torch.isnan(xs[1, 1])
+    assert (xq[0, :128] == 0).all() and torch.isfinite(xs[3]).all() and xq[3, :128].abs().max() > 0
+    ref = _vnni_reference(xb[2:], q, s, z, 128, None).float()
+    torch.testing.assert_close(y[2:], ref, rtol=2**-8, atol=1e-6 * ref.abs().max().item())
 
 
 @needs_ext

@@ -14,7 +14,7 @@
 //     sum_k x (q - z) s = s * C + (-z s - 128 s) * xsum,   C = sum_k x (128 + q)
 // (C carries 128 * xsum, so its fp32 rounding is ~128 ulps of sum|x|: ~1e-5 relative, far below
 // the bfloat16 output's 4e-3.) Groups must be a multiple of 32 k's (the tile depth); the caller
-// sends other shapes to the FMA kernel.
+// sends other shapes, and fewer than kAmxMinRows rows, to the VNNI kernel (w4a16_vnni.cpp).
 #include <immintrin.h>
 
 #include <algorithm>

@@ -10,19 +10,26 @@
 // products into the column's int32 lane: 2 + M uops per 32 weights instead of 4 + 2M (measured
 // on this machine's Sapphire-Rapids-class core: vpdpwssd 2 per cycle like an FMA, a shift 1 per
 // cycle; 1-2 rows use one shift per 4 pairs, kMask below). At one row, 896x896 with its weights
-// in cache: 14.4 us against the FMA kernel's 24.9 (1 thread).
+// in cache: 12.5 us against the FMA kernel's 24.2 (1 thread).
 //
-// The activations are quantized per call, per row and group, to int16 (w4a16_cpu.cpp):
+// The activations are quantized per call, per row and group, to int16 (quantize_row_vnni at the
+// end of this file, called per row by w4a16_cpu.cpp; twin: kernels/cpu_layout.quantize_act_int16):
 //     xq = round(x / sx),  sx = max|x over the group| / qmax,  qmax <= 32767
-// an error of at most sx / 2 = 2^-16 of the group's largest |x| per element, below the bfloat16
+// an error of at most sx / 2 = 2^-16 of the group's largest |x| per element (qmax = 32767; long
+// per-channel groups, len > 4369, lower qmax: 2^-15.1 at len 8192), below the bfloat16
 // (2^-9 relative) and float16 (2^-12) rounding the input already carries for every element
 // within a factor 2^7 (resp. 2^4) of that maximum. qmax is lowered for long groups so that a
 // group's int32 sum cannot overflow (len * 15 * qmax < 2^31). Per group the int32 sums become
 //     out += s * sx * C + (-z s) * xsum,   C = sum_k xq q,   xsum = sx * sum_k xq
-// (xsum of the quantized x, so a column whose codes all equal its zero point gives exactly 0).
+// (xsum of the quantized x, so a column whose codes all equal its zero point gives exactly 0). A
+// group holding a NaN or an infinity gets xscale = xsum = NaN (its outputs become NaN).
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "w4a16_cpu.h"
 
@@ -37,6 +44,13 @@ namespace {
 // own accumulators, divided by 16 (exactly: a multiple of 16 shifted) at the end. Their int32 sums
 // reach len / 2 * 240 * 32767 < 2^31 for len <= 512.
 constexpr int64_t kMaskMaxLen = 512;
+
+// the int16 pair (k, k+1) as one int32 (the broadcast operand of vpdpwssd); memcpy: no aliasing
+inline int32_t pair(const int16_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
 
 template <int MR, bool kMask>
 inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
@@ -59,10 +73,8 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   }
   const __m512i m0f = _mm512_set1_epi32(0x000F000F), m1f = _mm512_set1_epi32(0x00F000F0);
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN;
-  // the int16 pair (k, k+1) read as one int32: the broadcast operand of vpdpwssd
-  const int32_t* x = reinterpret_cast<const int32_t*>(p.xq + m0 * p.K8 + k0);
-  const int64_t xrow = p.K8 / 2;  // int32 pairs per row
-  for (int64_t c = 0; c < len / kChunkK; ++c, q += kTileN, x += kChunkK / 2) {
+  const int16_t* x = p.xq + m0 * p.K8 + k0;
+  for (int64_t c = 0; c < len / kChunkK; ++c, q += kTileN, x += kChunkK) {
     // a tile row is 4 lines; prefetch 32 rows (8 KiB) ahead into L1, 256 (64 KiB) into L2
     for (int l = 0; l < 4; ++l) {
       _mm_prefetch(reinterpret_cast<const char*>(q + 32 * kTileN + l * 16), _MM_HINT_T0);
@@ -80,7 +92,7 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
           t = _mm512_and_si512(pr == 0 ? w : _mm512_srli_epi32(w, 4 * pr), m0f);
         const int a = kMask ? (pr % 2) * (S / 2) + (S == 4 ? pr / 2 : 0) : pr % S;
         for (int r = 0; r < MR; ++r)
-          acc[a][r][v] = _mm512_dpwssd_epi32(acc[a][r][v], t, _mm512_set1_epi32(x[r * xrow + pr]));
+          acc[a][r][v] = _mm512_dpwssd_epi32(acc[a][r][v], t, _mm512_set1_epi32(pair(x + r * p.K8 + 2 * pr)));
       }
     }
   }
@@ -142,10 +154,22 @@ void quantize_row_vnni(const uint16_t* x, bool bf16, int64_t K, int64_t G, int64
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t k0 = gi * len, k1 = std::min(K, k0 + len);
     __m512 vmax = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16)
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x + k, k1 - k, bf16)));
+    __mmask16 bad = 0;  // lanes that saw a NaN or an infinity
+    const __m512 inf = _mm512_set1_ps(HUGE_VALF);
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m512 a = _mm512_abs_ps(load16(x + k, k1 - k, bf16));
+      bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // |x| >= inf, or unordered (NaN)
+      vmax = _mm512_max_ps(vmax, a);
+    }
+    if (bad) {  // a non-finite activation makes the group's outputs NaN, as in the other kernels
+      std::fill(xq + k0, xq + k1, int16_t{0});
+      xscale[gi] = xsum[gi] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float amax = _mm512_reduce_max_ps(vmax);
-    const float inv = amax > 0.f ? qmax / amax : 0.f;
+    // FLT_MAX: a group of tiny values (amax < qmax / FLT_MAX, possible in bfloat16) would make
+    // the factor infinite; clamped, its codes stay finite
+    const float inv = amax > 0.f ? std::min(qmax / amax, FLT_MAX) : 0.f;
     const __m512 vinv = _mm512_set1_ps(inv);
     __m512i isum = _mm512_setzero_si512();  // |sum| <= len * qmax < 2^31 / 15
     for (int64_t k = k0; k < k1; k += 16) {

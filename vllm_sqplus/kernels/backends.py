@@ -44,8 +44,8 @@ ENV_CUDA_DEQUANT_M = "SQPLUS_CUDA_DEQUANT_M"
 # the `kernel` argument of sqplus::w4a16_gemm on the CPU (csrc/ops.cpp); 0 would be "best"
 # avx512: FMA on float32 activations; avx512vnni: int16 activations (per row and group) times the
 # codes with vpdpwssd for bfloat16/float16 x, FMA for float32 x (csrc/cpu/w4a16_vnni.cpp); amx:
-# AMX-BF16 tiles for bfloat16 activations of 5+ rows (kAmxMinRows), avx512vnni for the rest
-# (csrc/cpu/w4a16_amx.cpp). Every CPU with one of them has all below it.
+# AMX-BF16 tiles for bfloat16 activations of 5+ rows (kAmxMinRows) whose groups are whole 32-k
+# tile depths, avx512vnni for the rest (float16 at any row count) (csrc/cpu/w4a16_amx.cpp). Every CPU with one of them has all below it.
 CPU_ISAS = {"scalar": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4, "amx": 5}
 CUDA_PATHS = {"auto": 0, "stream": 1, "dequant": 2}
 

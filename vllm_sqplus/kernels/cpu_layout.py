@@ -42,8 +42,9 @@ def quantize_act_int16(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     x [M, K] (bfloat16/float16) and the kernel's group length (`group`, or K rounded up to 8 for
     per-channel) -> (xq int16 [M, K], xscale float32 [M, G]) with xq = round_half_even(x * (qmax /
     amax)) in float32 and xscale = amax / qmax per row and group, amax = max|x| over the group,
-    qmax = min(32767, (2^31 - 1) // (15 * group)); an all-zero group has scale 0 and codes 0.
-    x is approximated by xscale * xq.
+    qmax = min(32767, (2^31 - 1) // (15 * group)); an all-zero group has scale 0 and codes 0, a
+    group with a NaN or an infinity scale NaN and codes 0; the factor qmax / amax is clamped to
+    float32's max (tiny groups). x is approximated by xscale * xq.
     """
     m, k = x.shape
     qmax = float(min(32767, (2**31 - 1) // (15 * group)))
@@ -51,7 +52,11 @@ def quantize_act_int16(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     xp = torch.zeros(m, g * group, dtype=torch.float32)
     xp[:, :k] = x.float()
     xg = xp.view(m, g, group)
+    bad = ~torch.isfinite(xg).all(-1)                      # a NaN or an infinity in the group
+    xg = torch.where(bad.unsqueeze(-1), torch.zeros_like(xg), xg)
     amax = xg.abs().amax(-1)
-    inv = torch.where(amax > 0, torch.tensor(qmax, dtype=torch.float32) / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, (torch.tensor(qmax, dtype=torch.float32) / amax).clamp(
+        max=torch.finfo(torch.float32).max), torch.zeros_like(amax))
     xq = (xg * inv.unsqueeze(-1)).round().to(torch.int16).view(m, -1)[:, :k]
-    return xq, amax / qmax
+    scale = torch.where(bad, torch.full_like(amax, float("nan")), amax / qmax)
+    return xq, scale
