@@ -57,7 +57,7 @@ def perplexity(model: str, data: str, quantization: str | None = None, seq_len: 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sqplus.eval.humaneval import default_eager
+    from vllm_sqplus.eval.humaneval import close_llm, default_eager
 
     text = read_text(data)
     kw = dict(model=model, dtype=dtype, max_model_len=seq_len + 1, kv_cache_memory_bytes=kv_cache_bytes, seed=0,
@@ -72,8 +72,11 @@ def perplexity(model: str, data: str, quantization: str | None = None, seq_len: 
     # prompt_logprobs=1: the chosen token's logprob is always included besides the top-1
     outs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks],
                         SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))
+    seconds = round(time.time() - t0, 1)
+    close_llm(llm)
+    del llm
     nll = sum(nll_of(c, o.prompt_logprobs) for c, o in zip(chunks, outs))
     n = sum(len(c) - 1 for c in chunks)
     return {"model": model, "quantization": quantization, "data": str(data), "seq_len": seq_len,
             "chunks": len(chunks), "tokens": n, "nll": nll / n, "ppl": math.exp(nll / n),
-            "seconds": round(time.time() - t0, 1)}
+            "seconds": seconds}
