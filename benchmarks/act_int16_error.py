@@ -29,14 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine as results_machine  # noqa: E402
 
 from vllm_sqplus.corpora import eval_code_text  # noqa: E402
-from vllm_sqplus.kernels.cpu_layout import quantize_act_int16  # noqa: E402
+from vllm_sqplus.kernels.cpu_layout import dequantize_act_int16, quantize_act_int16  # noqa: E402
 
 
 def int16_roundtrip(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x [T, K] bfloat16 -> the float32 values the VNNI kernel multiplies (K % group == 0)."""
-    xq, xs = quantize_act_int16(x, group)
-    t, k = x.shape
-    return (xq.float().view(t, k // group, group) * xs.unsqueeze(-1)).view(t, k)
+    """x [T, K] bfloat16 -> the float32 values the VNNI kernel multiplies."""
+    return dequantize_act_int16(*quantize_act_int16(x, group), group)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,8 @@ from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.kernels import (CpuBackend, CudaBackend, W4A16Linear, available_backends,
                                  choose_backend, ops, pack_weights, resolve_backend, w4a16_matmul)
 from vllm_sqplus.kernels import backends
-from vllm_sqplus.kernels.cpu_layout import pack_cpu_reference, quantize_act_int16, unpack_cpu
+from vllm_sqplus.kernels.cpu_layout import (dequantize_act_int16, pack_cpu_reference, quantize_act_int16,
+                                             unpack_cpu)
 from vllm_sqplus.quant import dequantize_int4, quantize_int4
 
 needs_ext = pytest.mark.skipif(not ops.has_kernel("cpu"),
@@ -231,10 +232,7 @@ def _vnni_reference(x, q, s, z, g, bias):
     """float64 x~ @ w.T (+ bias) with x~ = xscale * xq, the kernel's int16 activations (twin)."""
     k = x.shape[1]
     glen = -(-k // 8) * 8 if g == -1 else g
-    xq, xs = quantize_act_int16(x, glen)
-    xt = (xq.double().view(x.shape[0], -1, glen) if k % glen == 0 else
-          torch.nn.functional.pad(xq.double(), (0, glen - k % glen)).view(x.shape[0], -1, glen))
-    xt = (xt * xs.double().unsqueeze(-1)).view(x.shape[0], -1)[:, :k]
+    xt = dequantize_act_int16(*quantize_act_int16(x, glen), glen, torch.float64)
     y = xt @ dequantize_int4(q, s, z, g, torch.float64).T
     return y + bias.double() if bias is not None else y
 

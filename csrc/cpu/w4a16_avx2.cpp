@@ -70,18 +70,11 @@ inline void rows_avx2(const TileProblem& p, int64_t gi, int64_t k0, int64_t len,
 }  // namespace
 
 void tile_avx2(const TileProblem& p) {
-  const int64_t len = p.G == 1 ? p.K8 : p.group;
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const int64_t k0 = gi * len;
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) rows_avx2<4, 2>(p, gi, k0, len, m);
-    switch (p.M - m) {
-      case 3: rows_avx2<3, 2>(p, gi, k0, len, m); break;
-      case 2: rows_avx2<2, 4>(p, gi, k0, len, m); break;
-      case 1: rows_avx2<1, 8>(p, gi, k0, len, m); break;
-      default: break;
-    }
-  }
+  // column vectors per pass by rows: the 16 ymm registers hold MR x NV accumulators
+  for_each_group_and_row_block(p, [&](auto mr, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
+    constexpr int MR = decltype(mr)::value;
+    rows_avx2<MR, MR == 1 ? 8 : MR == 2 ? 4 : 2>(p, gi, k0, len, m0);
+  });
 }
 
 }  // namespace sqplus_cpu

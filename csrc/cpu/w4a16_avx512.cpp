@@ -60,18 +60,9 @@ inline void group_avx512(const TileProblem& p, int64_t gi, int64_t k0, int64_t l
 }  // namespace
 
 void tile_avx512(const TileProblem& p) {
-  const int64_t len = p.G == 1 ? p.K8 : p.group;
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const int64_t k0 = gi * len;
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) group_avx512<4>(p, gi, k0, len, m);
-    switch (p.M - m) {
-      case 3: group_avx512<3>(p, gi, k0, len, m); break;
-      case 2: group_avx512<2>(p, gi, k0, len, m); break;
-      case 1: group_avx512<1>(p, gi, k0, len, m); break;
-      default: break;
-    }
-  }
+  for_each_group_and_row_block(p, [&](auto mr, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
+    group_avx512<decltype(mr)::value>(p, gi, k0, len, m0);
+  });
 }
 
 }  // namespace sqplus_cpu

@@ -37,6 +37,7 @@
 // ---------------------------------------------------------------------------------------------
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace sqplus_cpu {
 
@@ -83,5 +84,24 @@ void tile_amx(const TileProblem& p);     // target("amx-tile,amx-bf16,..."): bfl
 // a 2-core Sapphire-Rapids-class VM, 1 thread, cold weights, time AMX / VNNI: M = 4: 0.95-1.12
 // (896x896 .. 4096x4096), M = 5: 0.80-1.03, M = 6: 0.71-0.96, M = 8: 0.57-0.82
 constexpr int64_t kAmxMinRows = 5;
+
+// The loop every FMA/VNNI tile kernel shares: each group of the tile, its rows in blocks of 4 and
+// a tail of 1-3, as body(std::integral_constant<int, MR>{}, gi, k0, len, m0). always_inline: it
+// is compiled into the caller, so under the caller's ISA target, and the body inlines there too.
+template <typename Body>
+__attribute__((always_inline)) inline void for_each_group_and_row_block(const TileProblem& p, Body&& body) {
+  const int64_t len = p.G == 1 ? p.K8 : p.group;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    const int64_t k0 = gi * len;
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) body(std::integral_constant<int, 4>{}, gi, k0, len, m);
+    switch (p.M - m) {
+      case 3: body(std::integral_constant<int, 3>{}, gi, k0, len, m); break;
+      case 2: body(std::integral_constant<int, 2>{}, gi, k0, len, m); break;
+      case 1: body(std::integral_constant<int, 1>{}, gi, k0, len, m); break;
+      default: break;
+    }
+  }
+}
 
 }  // namespace sqplus_cpu

@@ -123,19 +123,13 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
 }  // namespace
 
 void tile_vnni(const TileProblem& p) {
-  const int64_t len = p.G == 1 ? p.K8 : p.group;
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const int64_t k0 = gi * len;
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) group_vnni<4, false>(p, gi, k0, len, m);
-    const bool mask = len <= kMaskMaxLen;
-    switch (p.M - m) {
-      case 3: group_vnni<3, false>(p, gi, k0, len, m); break;
-      case 2: mask ? group_vnni<2, true>(p, gi, k0, len, m) : group_vnni<2, false>(p, gi, k0, len, m); break;
-      case 1: mask ? group_vnni<1, true>(p, gi, k0, len, m) : group_vnni<1, false>(p, gi, k0, len, m); break;
-      default: break;
-    }
-  }
+  for_each_group_and_row_block(p, [&](auto mr, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
+    constexpr int MR = decltype(mr)::value;
+    if (MR <= 2 && len <= kMaskMaxLen)
+      group_vnni<MR, MR <= 2>(p, gi, k0, len, m0);
+    else
+      group_vnni<MR, false>(p, gi, k0, len, m0);
+  });
 }
 
 namespace {

@@ -10,7 +10,7 @@ import torch
 
 from vllm_sqplus.kernels.ops import CHUNK_K, TILE_N
 
-__all__ = ["pack_cpu_reference", "unpack_cpu", "quantize_act_int16"]
+__all__ = ["pack_cpu_reference", "unpack_cpu", "quantize_act_int16", "dequantize_act_int16"]
 
 # bit offset of the code of k offset o (0..7) in its int32: nibble j = (0, 4, 1, 5, 2, 6, 3, 7)[o]
 _SHIFTS = 4 * torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], dtype=torch.int64)
@@ -60,3 +60,14 @@ def quantize_act_int16(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     xq = (xg * inv.unsqueeze(-1)).round().to(torch.int16).view(m, -1)[:, :k]
     scale = torch.where(bad, torch.full_like(amax, float("nan")), amax / qmax)
     return xq, scale
+
+
+def dequantize_act_int16(xq: torch.Tensor, xscale: torch.Tensor, group: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """xscale * xq per group (quantize_act_int16's outputs and group) -> [M, K] in dtype: the
+    activations the VNNI kernel multiplies."""
+    m, k = xq.shape
+    g = xscale.shape[1]
+    xp = torch.zeros(m, g * group, dtype=dtype)
+    xp[:, :k] = xq.to(dtype)
+    return (xp.view(m, g, group) * xscale.to(dtype).unsqueeze(-1)).view(m, -1)[:, :k]
