@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", default=None, help="JSON path (default: results/<machine>/act_int16_error_<model>.json)")
     args = ap.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"error: --model {args.model}: no config.json there (a transformers checkpoint folder is needed)")
+    if args.group_size <= 0 or args.group_size % 8:
+        sys.exit(f"error: --group-size must be a positive multiple of 8, got {args.group_size}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -66,9 +70,11 @@ def main(argv=None) -> int:
         h.remove()
 
     per_type = collections.defaultdict(lambda: {"int16": [], "bf16_out": [], "max_abs_x": 0.0})
+    skipped = []  # linears whose in_features the group size does not divide
     for name, lin in linears.items():
         x = inputs[name]
         if x.shape[1] % args.group_size:
+            skipped.append(f"{name} (K={x.shape[1]})")
             continue
         w = lin.weight.float()
         y = x.float() @ w.T
@@ -80,6 +86,10 @@ def main(argv=None) -> int:
         d["bf16_out"].append(eb)
         d["max_abs_x"] = max(d["max_abs_x"], x.float().abs().max().item())
 
+    if not per_type:
+        sys.exit(f"error: group size {args.group_size} divides no decoder linear's in_features: {skipped[:3]}")
+    if skipped:
+        print(f"# skipped {len(skipped)} linears the group size does not divide, e.g. {skipped[:3]}")
     rows = []
     for t, d in per_type.items():
         a, b = torch.cat(d["int16"]), torch.cat(d["bf16_out"])
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": results_machine.cpu_model(), "torch": torch.__version__,
            "command": " ".join([os.path.relpath(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-           "rows": rows}
+           "rows": rows, "skipped_linears": skipped}
     lines = [f"# int16 activations of the VNNI kernel vs bfloat16 output rounding: {model_name}", "",
              f"- date: {rec['date']}; machine: {rec['machine']}; torch {rec['torch']}",
              f"- command: `{rec['command']}`",

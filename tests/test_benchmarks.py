@@ -72,3 +72,17 @@ def test_act_int16_error_writes_record_and_int16_stays_below_bf16_rounding(tmp_p
     x = (torch.randn(3, 128) * torch.linspace(0.01, 50, 128)).bfloat16()
     err = (act_int16_error.int16_roundtrip(x, 64) - x.float()).abs().view(3, 2, 64)
     assert (err <= x.float().abs().view(3, 2, 64).amax(-1, keepdim=True) * 2**-16 * 1.01).all()
+
+
+def test_act_int16_error_bad_input_is_one_clear_error(tmp_path):
+    import torch
+    import act_int16_error
+    from tiny import save_tiny
+    with pytest.raises(SystemExit, match="no config.json there"):
+        act_int16_error.main(["--model", str(tmp_path / "absent")])
+    src = save_tiny(tmp_path / "m", "qwen2", dtype=torch.bfloat16)
+    with pytest.raises(SystemExit, match="positive multiple of 8"):
+        act_int16_error.main(["--model", str(src), "--group-size", "12"])
+    with pytest.raises(SystemExit, match="divides no decoder linear"):  # hidden 128, intermediate 256
+        act_int16_error.main(["--model", str(src), "--group-size", "96", "--out", str(tmp_path / "a.json")])
+    assert not (tmp_path / "a.json").exists()
