@@ -10,7 +10,8 @@
 // products into the column's int32 lane: 2 + M uops per 32 weights instead of 4 + 2M (measured
 // on this machine's Sapphire-Rapids-class core: vpdpwssd 2 per cycle like an FMA, a shift 1 per
 // cycle; 1-2 rows use one shift per 4 pairs, kMask below). At one row, 896x896 with its weights
-// in cache: 12.5 us against the FMA kernel's 24.2 (1 thread).
+// in cache, calls back to back: 12.5 us against the FMA kernel's 24.2 (1 thread, a one-off
+// script); kernel_bench --warm, other methods in between: 1.28x (results/intel-xeon-2c).
 //
 // The activations are quantized per call, per row and group, to int16 (quantize_row_vnni at the
 // end of this file, called per row by w4a16_cpu.cpp; twin: kernels/cpu_layout.quantize_act_int16):
