@@ -1,8 +1,12 @@
 """The name of this machine's results folder, benchmarks/results/<slug>/ (torch-free, cheap).
 
-  cpu:  the CPU model's first words and the core count, e.g. "amd-epyc-2c"
+  cpu:  the CPU model's first words, a microarchitecture tag where the model name is a generic
+        one (no model number, as VMs report: "AMD EPYC", "Intel(R) Xeon(R) Processor"), and the
+        core count, e.g. "amd-epyc-zen5-2c", "intel-xeon-spr-2c", "amd-epyc-7763-64c"
   cuda: the GPU's name, e.g. "nvidia-h200"
 Every benchmark writes its generated records there; benchmarks/results/README.md cites them.
+The tag keeps two different CPUs behind one generic name apart (folders written before it existed:
+amd-epyc-2c was an AVX2-only EPYC, intel-xeon-2c a Sapphire-Rapids-class Xeon).
 """
 from __future__ import annotations
 
@@ -24,6 +28,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpuinfo_int(key: str) -> int | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.split(":", 1)[0].strip() == key:
+                return int(line.split(":", 1)[1].strip())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# x86 family/model -> microarchitecture (the ones these folders meet; others: "f<family>m<model>")
+_INTEL6 = {85: "skx", 106: "icx", 108: "icx", 143: "spr", 207: "emr", 173: "gnr", 174: "gnr"}
+
+
+def uarch(vendor_word: str, family: int | None, model: int | None) -> str:
+    if family is None or model is None:
+        return ""
+    if vendor_word == "amd":
+        if family == 0x1A:
+            return "zen5"
+        if family == 0x19:
+            return "zen4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "zen3"
+        if family == 0x17:
+            return "zen2" if model >= 0x30 else "zen"
+    if vendor_word == "intel" and family == 6 and model in _INTEL6:
+        return _INTEL6[model]
+    return f"f{family}m{model}"
+
+
 def slug(device: str = "cpu") -> str:
     if device == "cuda":
         import torch
@@ -32,6 +65,9 @@ def slug(device: str = "cpu") -> str:
         name = cpu_model()
     words = [w for w in "".join(c if c.isalnum() else " " for c in name.lower()).split()
              if w not in _NOISE][:3] or [device]
+    if device != "cuda" and not any(c.isdigit() for c in name) and words[0] in ("amd", "intel"):
+        tag = uarch(words[0], _cpuinfo_int("cpu family"), _cpuinfo_int("model"))
+        words += [tag] if tag else []
     return "-".join(words if device == "cuda" else words + [f"{os.cpu_count()}c"])
 
 

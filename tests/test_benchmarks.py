@@ -34,6 +34,16 @@ def test_machine_slug_names_a_folder():
     assert slug and "/" not in slug and slug == slug.lower() and slug.endswith(f"{os.cpu_count()}c")
 
 
+def test_machine_uarch_tags_generic_cpu_names():
+    """Two CPUs behind one generic VM name ("AMD EPYC") get different folders: the tag comes from
+    the x86 family/model, unknown ones spell both out."""
+    import machine
+    assert machine.uarch("amd", 0x1A, 2) == "zen5"
+    assert machine.uarch("amd", 0x19, 0x11) == "zen4" and machine.uarch("amd", 0x19, 0x01) == "zen3"
+    assert machine.uarch("amd", 0x17, 0x31) == "zen2" and machine.uarch("intel", 6, 143) == "spr"
+    assert machine.uarch("intel", 6, 1) == "f6m1" and machine.uarch("amd", None, 2) == ""
+
+
 def test_gptq_layer_time_writes_record_and_the_orders_differ_only_after_the_first_linears(tmp_path):
     """benchmarks/gptq_layer_time.py on a tiny saved model: one record with the three orders timed;
     q/k/v see the same input in the usual and the true-sequential order (identical codes), the
