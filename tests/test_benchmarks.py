@@ -96,3 +96,24 @@ def test_act_int16_error_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="divides no decoder linear"):  # hidden 128, intermediate 256
         act_int16_error.main(["--model", str(src), "--group-size", "96", "--out", str(tmp_path / "a.json")])
     assert not (tmp_path / "a.json").exists()
+
+
+def test_kernel_ab_builds_a_revision_and_both_sides_agree(tmp_path, monkeypatch):
+    """benchmarks/kernel_ab.py: the CPU sources of HEAD, built into their own op namespace, compute
+    the same bits as the installed build on a small shape (HEAD's kernel is the installed one in a
+    fresh clone); the record names the rows it timed. The build is cached per commit."""
+    import subprocess
+    if not ops.has_kernel("cpu"):
+        pytest.skip("no compiled CPU kernel")
+    monkeypatch.setenv("SQPLUS_AB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(kernel_bench.__file__), "kernel_ab.py"),
+                        "--rev", "HEAD", "--m", "1,3", "--shapes", "128x256", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert [(row["shape"], row["m"]) for row in rec["rows"]] == [("128x256", 1), ("128x256", 3)]
+    assert all(row["new_us"] > 0 and row["old_us"] > 0 for row in rec["rows"])
+    bad = subprocess.run([sys.executable, os.path.join(os.path.dirname(kernel_bench.__file__), "kernel_ab.py"),
+                          "--rev", "no-such-rev"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "is not a revision" in bad.stderr

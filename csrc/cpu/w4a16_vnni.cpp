@@ -59,11 +59,12 @@ constexpr int kNV = 4;  // 16-column vectors per 64-column tile
 // the chunk's kNV packed weight vectors, shifted in place by 4 before each pair after the first,
 // so a pair costs kNV ANDs, kNV shifts (none for pair 0) and MR broadcasts besides its MR x kNV
 // vpdpwssd. why a template per pair and this order: with the vectors outer and the pairs inner
-// (the kMask loop's order), GCC kept all 4 x MR broadcasts live across the vectors, 12-16
+// (the kMask order below), GCC kept all 4 x MR broadcasts live across the vectors, 12-16
 // registers beside 12-16 accumulators at 3-4 rows, and spilled accumulators to the stack inside
-// the loop; pair by pair with constant indices they stay in registers. Measured on a Zen 5 core
-// (1 thread; one-off `kernel_bench --warm` runs, not recorded): 4096x4096 at M = 4 / 16 / 64,
-// 754 -> 579, 2693 -> 1947, 9567 -> 7532 us. At 1-2 rows (kMask) this order was no faster.
+// the loop; pair by pair, with constant indices, they stay in registers. Tried and dropped: the
+// broadcast as vpdpwssd's own memory operand ({1to16}, inline asm): 6-14% slower at 1 and 3-8
+// rows on a Zen 5 core (a one-off A/B, not recorded; one broadcast load per vector instead of one
+// per pair and row).
 template <int MR, int S, int PR>
 __attribute__((always_inline)) inline void pair_step(__m512i (&acc)[S][MR][kNV], __m512i (&w)[kNV],
                                                      const int16_t* x, int64_t K8, __m512i m0f) {
@@ -76,6 +77,31 @@ __attribute__((always_inline)) inline void pair_step(__m512i (&acc)[S][MR][kNV],
     const __m512i t = _mm512_and_si512(w[v], m0f);
     for (int r = 0; r < MR; ++r) acc[a][r][v] = _mm512_dpwssd_epi32(acc[a][r][v], t, xb[r]);
   }
+}
+
+// kMask (1-2 rows): vector V of one chunk, all four pairs: pairs 0 and 1 from w masked with
+// 0x000F000F and 0x00F000F0 (1 q and 16 q), pairs 2 and 3 likewise from w >> 8; the pair's class
+// and, at one row, its half pick the accumulator set. Templates, so that every index is a
+// constant: with a runtime-unrolled pair loop (and the rolled epilogue loop of group_vnni) GCC
+// kept the accumulator array of 2 rows in memory and stored all 16 accumulators every chunk.
+template <int MR, int S, int V, int PR>
+__attribute__((always_inline)) inline void mask_pair(__m512i (&acc)[S][MR][kNV], __m512i t,
+                                                     const int16_t* x, int64_t K8) {
+  constexpr int a = (PR % 2) * (S / 2) + (S == 4 ? PR / 2 : 0);
+  for (int r = 0; r < MR; ++r)
+    acc[a][r][V] = _mm512_dpwssd_epi32(acc[a][r][V], t, _mm512_set1_epi32(pair(x + r * K8 + 2 * PR)));
+}
+
+template <int MR, int S, int V>
+__attribute__((always_inline)) inline void mask_vector(__m512i (&acc)[S][MR][kNV], const int32_t* q,
+                                                       const int16_t* x, int64_t K8, __m512i m0f,
+                                                       __m512i m1f) {
+  const __m512i w = _mm512_loadu_si512(q + V * 16);
+  const __m512i w8 = _mm512_srli_epi32(w, 8);
+  mask_pair<MR, S, V, 0>(acc, _mm512_and_si512(w, m0f), x, K8);
+  mask_pair<MR, S, V, 1>(acc, _mm512_and_si512(w, m1f), x, K8);
+  mask_pair<MR, S, V, 2>(acc, _mm512_and_si512(w8, m0f), x, K8);
+  mask_pair<MR, S, V, 3>(acc, _mm512_and_si512(w8, m1f), x, K8);
 }
 
 template <int MR, bool kMask>
@@ -107,18 +133,11 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
       _mm_prefetch(reinterpret_cast<const char*>(q + 256 * kTileN + l * 16), _MM_HINT_T1);
     }
     if constexpr (kMask) {
-      // 1-2 rows: vector by vector (one shift per vector; no spills at these row counts)
-      for (int v = 0; v < NV; ++v) {
-        const __m512i w = _mm512_loadu_si512(q + v * 16);
-        const __m512i w8 = _mm512_srli_epi32(w, 8);
-#pragma GCC unroll 4
-        for (int pr = 0; pr < 4; ++pr) {
-          const __m512i t = _mm512_and_si512(pr < 2 ? w : w8, pr % 2 ? m1f : m0f);
-          const int a = (pr % 2) * (S / 2) + (S == 4 ? pr / 2 : 0);
-          for (int r = 0; r < MR; ++r)
-            acc[a][r][v] = _mm512_dpwssd_epi32(acc[a][r][v], t, _mm512_set1_epi32(pair(x + r * p.K8 + 2 * pr)));
-        }
-      }
+      // 1-2 rows: vector by vector (mask_vector: one shift per vector)
+      mask_vector<MR, S, 0>(acc, q, x, p.K8, m0f, m1f);
+      mask_vector<MR, S, 1>(acc, q, x, p.K8, m0f, m1f);
+      mask_vector<MR, S, 2>(acc, q, x, p.K8, m0f, m1f);
+      mask_vector<MR, S, 3>(acc, q, x, p.K8, m0f, m1f);
     } else {
       // pair by pair (pair_step): the weight vectors stay in registers, shifted in place
       __m512i w[NV];
@@ -131,9 +150,14 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   }
   const float* s = p.s + gi * p.s_stride;
   const float* zs = p.zs + gi * p.s_stride;
+  // fully unrolled (constant indices): rolled, it kept the accumulator array in memory, and GCC
+  // then stored accumulators to the stack on every chunk of the loop above (2-4 rows). Measured
+  // together with the templates above: results/amd-epyc-zen5-2c/kernel_ab_*.json
+#pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) {
     const __m512 sx = _mm512_set1_ps(p.xscale[(m0 + r) * p.G + gi]);
     const __m512 xsum = _mm512_set1_ps(p.xsum[(m0 + r) * p.G + gi]);
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       __m512i sum;
       if (kMask) {
