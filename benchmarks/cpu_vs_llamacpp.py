@@ -52,6 +52,7 @@ PROMPT_LEN = 32
 KV_CACHE_BYTES = 256 << 20  # as benchmarks/vllm_bench.py
 SQ = {"quantization": "smoothquant_plus"}
 # name -> {"llm": LLM kwargs, "env": engine environment, "qconfig": quantization_config overrides}
+INPROC = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 VARIANTS = {
     "int4": {"llm": {**SQ, "dtype": "float32"}},          # FP32 activations (the faster one at B>1)
     "int4_bf16": {"llm": {**SQ, "dtype": "bfloat16"}},    # BF16 activations, BF16 lm_head
@@ -72,6 +73,15 @@ VARIANTS = {
     "int4_bf16_compiled": {"llm": {**SQ, "dtype": "bfloat16", "enforce_eager": False}},
     "int4_bf16+lmhead4_compiled": {"llm": {**SQ, "dtype": "bfloat16", "enforce_eager": False},
                                    "qconfig": {"lm_head": "int4"}},
+    # the engine core in the model's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): by default
+    # vLLM runs it in a second process that keeps a core busy (engine CPU/wall ~1.9 at one model
+    # thread), so on a 2-core machine two model threads share their cores with it. In-process,
+    # vLLM binds no threads, so the worker here pins itself to the cores and sets torch's threads
+    "int4_bf16_inproc": {"llm": {**SQ, "dtype": "bfloat16"}, "env": INPROC},
+    "int4_bf16+lmhead4_inproc": {"llm": {**SQ, "dtype": "bfloat16"}, "qconfig": {"lm_head": "int4"},
+                                 "env": INPROC},
+    "int4_bf16+lmhead4_inproc_compiled": {"llm": {**SQ, "dtype": "bfloat16", "enforce_eager": False},
+                                          "qconfig": {"lm_head": "int4"}, "env": INPROC},
 }
 
 
@@ -296,6 +306,15 @@ def _tree_cpu(pid: int) -> float:
     return tot
 
 
+def _parse_cores(bind: str) -> list[int]:
+    """'0-1' / '0,2' / '3' (the VLLM_CPU_OMP_THREADS_BIND forms _cores writes) -> [cores]."""
+    out = []
+    for part in bind.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def ours_worker(model: str, variant: dict, batches: list[int], tokens: int, reps: int) -> dict:
     from vllm import LLM, SamplingParams
     kw = dict(model=model, enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=KV_CACHE_BYTES,
@@ -305,6 +324,11 @@ def ours_worker(model: str, variant: dict, batches: list[int], tokens: int, reps
         base = json.loads((Path(model) / "config.json").read_text()).get("quantization_config") or {}
         kw["hf_overrides"] = {"quantization_config": {"quant_method": "smoothquant_plus", **base,
                                                       **variant["qconfig"]}}
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":  # in-process engine: vLLM binds nothing
+        import torch
+        cores = _parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
     t0 = time.perf_counter()
     llm = LLM(**kw)
     load_s = time.perf_counter() - t0

@@ -40,6 +40,18 @@ def test_build_specs_merges_extra_into_quantized_variants_only():
         cvl._kv(["novalue"], "--ours-extra")
 
 
+def test_inproc_variants_run_the_engine_in_the_models_process_on_the_bound_cores():
+    """The _inproc variants set VLLM_ENABLE_V1_MULTIPROCESSING=0, under which vLLM binds no threads:
+    the worker then pins itself to the cores the binding names (the forms _cores writes)."""
+    inproc = [n for n in cvl.VARIANTS if "_inproc" in n]
+    assert inproc and all(cvl.VARIANTS[n]["env"] == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} for n in inproc)
+    assert all("env" not in cvl.VARIANTS[n] for n in cvl.VARIANTS if "_inproc" not in n)
+    assert cvl._parse_cores(cvl._cores(1)) == [0] and cvl._parse_cores(cvl._cores(2)) == [0, 1]
+    assert cvl._parse_cores("0,2-3") == [0, 2, 3]
+    spec = cvl.build_specs(["int4_bf16_inproc"], {}, {"SQPLUS_X": "1"})["int4_bf16_inproc"]
+    assert spec["env"] == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "SQPLUS_X": "1"}
+
+
 LOG = """\
 warning: output.weight                        - ncols    896 not divisible by 256 (required for type    q6_K) -> falling back to    q8_0
 [   1/ 291] output.weight                        - [   896, 151936,      1,      1], type =   bf16, converting to q8_0 .. size =   259.66 MiB ->   137.94 MiB
