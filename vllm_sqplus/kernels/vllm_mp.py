@@ -99,7 +99,8 @@ class VllmMPBackend(W4A16Backend):
         # beside bfloat16 activations: "expected scalar type BFloat16 but found Float", on an
         # AVX-512 CPU without AMX)
         holder.register_parameter("weight_scale", GroupQuantScaleParameter(  # [N, K/g]
-            data=scales.to(self.layer_config.act_type).contiguous(), input_dim=1, output_dim=0, weight_loader=_noop_loader))
+            data=scales.to(self.layer_config.act_type).contiguous(), input_dim=1, output_dim=0,
+            weight_loader=_noop_loader))
         if kernel.w_zp_name:
             holder.register_parameter("weight_zero_point", PackedvLLMParameter(  # int32 [N/8, K/g]
                 data=pack_quantized_values_into_int32(zeros.to(torch.int32), wtype, 0).contiguous(),
