@@ -166,12 +166,28 @@ def _bare_cost_ns(n: int) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
+def _parse_cores(bind: str) -> list[int]:
+    """'0' / '0-1' / '0,2-3' (a VLLM_CPU_OMP_THREADS_BIND list of cores) -> [cores]."""
+    out = []
+    for part in bind.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def _worker(model: str, dtype: str, batches: list[int], steps: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.sample.sampler import Sampler
     from vllm_sqplus import vllm_compat
 
+    # in-process (uni executor) vLLM binds no threads (VLLM_CPU_OMP_THREADS_BIND is read only by a
+    # worker process of its own): torch kept its default 2 threads on a 2-core VM before this, in
+    # session 11's record too (its torch_threads: 2). Pin this process to the bound cores.
+    import torch
+    cores = _parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
     rec = Recorder()
     vllm_compat.SqplusLinearMethod.apply = rec.wrap("w4a16_linears", vllm_compat.SqplusLinearMethod.apply)
     Attention.forward = rec.wrap("attention", Attention.forward)
@@ -214,7 +230,7 @@ def _worker(model: str, dtype: str, batches: list[int], steps: int) -> dict:
         s["timer_overhead_ms_est"] = round(n * cost / 1e6, 3)
     import torch
     return {"load_s": round(load_s, 1), "model_class": model_cls, "timer_cost_ns": round(cost),
-            "torch_threads": torch.get_num_threads(), "llm_kwargs": {k: v for k, v in kw.items() if k != "model"},
+            "torch_threads": torch.get_num_threads(), "affinity": sorted(os.sched_getaffinity(0)), "llm_kwargs": {k: v for k, v in kw.items() if k != "model"},
             "batches": out}
 
 
@@ -254,7 +270,9 @@ def render(rec: dict) -> str:
          f"- load average (1/5/15 min) at start {rec['load_start']}, at end {rec['load_end']}: the machine "
          "is shared with other jobs, so absolute times are noisy; the shares are the point",
          f"- engine: vllm {rec['vllm']}, torch {rec['torch']}, enforce_eager, in-process (uni executor, "
-         f"async scheduling off), VLLM_CPU_OMP_THREADS_BIND={rec['cores']}, OMP_NUM_THREADS="
+         f"async scheduling off), VLLM_CPU_OMP_THREADS_BIND={rec['cores']} (the worker pins itself: torch "
+         f"threads {sorted({r.get('torch_threads') for r in rec['runs']}, key=str)}, on cores "
+         f"{sorted({str(r.get('affinity')) for r in rec['runs']})}), OMP_NUM_THREADS="
          f"{rec['env'].get('OMP_NUM_THREADS')}; prompt {PROMPT_LEN} tokens, {rec['steps']} decode steps "
          "measured per batch (prefill step excluded), greedy, ignore_eos",
          "- categories (exclusive wall time, they add up to the step): w4a16_linears = our op in the "

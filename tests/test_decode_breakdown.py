@@ -83,3 +83,9 @@ def test_timers_pass_through_outside_a_step():
     rec = db.Recorder()
     f = rec.wrap("attention", lambda x: x + 1)
     assert f(1) == 2 and rec.steps == []
+
+
+def test_worker_cores_parse_the_binding_forms():
+    """The in-process worker pins itself to VLLM_CPU_OMP_THREADS_BIND's cores (vLLM does not there)."""
+    assert db._parse_cores("0") == [0] and db._parse_cores("0-1") == [0, 1]
+    assert db._parse_cores("0,2-3") == [0, 2, 3]
