@@ -44,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/machine.py
-from machine import cpu_model, results_dir  # noqa: E402
+from machine import cpu_model, pin_to_bound_cores, results_dir  # noqa: E402
 
 CACHE = Path(os.environ.get("SQPLUS_LLAMACPP_CACHE", Path.home() / ".cache" / "sqplus-llamacpp"))
 BUILD_SH = HERE / "llamacpp" / "build.sh"
@@ -306,15 +306,6 @@ def _tree_cpu(pid: int) -> float:
     return tot
 
 
-def _parse_cores(bind: str) -> list[int]:
-    """'0-1' / '0,2' / '3' (the VLLM_CPU_OMP_THREADS_BIND forms _cores writes) -> [cores]."""
-    out = []
-    for part in bind.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def ours_worker(model: str, variant: dict, batches: list[int], tokens: int, reps: int) -> dict:
     from vllm import LLM, SamplingParams
     kw = dict(model=model, enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=KV_CACHE_BYTES,
@@ -325,10 +316,7 @@ def ours_worker(model: str, variant: dict, batches: list[int], tokens: int, reps
         kw["hf_overrides"] = {"quantization_config": {"quant_method": "smoothquant_plus", **base,
                                                       **variant["qconfig"]}}
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":  # in-process engine: vLLM binds nothing
-        import torch
-        cores = _parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(len(cores))
+        pin_to_bound_cores()
     t0 = time.perf_counter()
     llm = LLM(**kw)
     load_s = time.perf_counter() - t0

@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/machine.py
-from machine import cpu_model, results_dir  # noqa: E402
+from machine import cpu_model, pin_to_bound_cores, results_dir  # noqa: E402
 
 DEFAULT_MODEL = HERE.parent / ".models" / "qwen2.5-coder-0.5b-instruct"
 PROMPT_LEN = 32
@@ -166,28 +166,15 @@ def _bare_cost_ns(n: int) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
-def _parse_cores(bind: str) -> list[int]:
-    """'0' / '0-1' / '0,2-3' (a VLLM_CPU_OMP_THREADS_BIND list of cores) -> [cores]."""
-    out = []
-    for part in bind.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def _worker(model: str, dtype: str, batches: list[int], steps: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.sample.sampler import Sampler
     from vllm_sqplus import vllm_compat
 
-    # in-process (uni executor) vLLM binds no threads (VLLM_CPU_OMP_THREADS_BIND is read only by a
-    # worker process of its own): torch kept its default 2 threads on a 2-core VM before this, in
-    # session 11's record too (its torch_threads: 2). Pin this process to the bound cores.
-    import torch
-    cores = _parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
+    # in-process (uni executor) vLLM binds no threads: torch kept its default 2 threads on a 2-core
+    # VM before this, in session 11's record too (its torch_threads: 2)
+    pin_to_bound_cores()
     rec = Recorder()
     vllm_compat.SqplusLinearMethod.apply = rec.wrap("w4a16_linears", vllm_compat.SqplusLinearMethod.apply)
     Attention.forward = rec.wrap("attention", Attention.forward)
@@ -230,7 +217,8 @@ def _worker(model: str, dtype: str, batches: list[int], steps: int) -> dict:
         s["timer_overhead_ms_est"] = round(n * cost / 1e6, 3)
     import torch
     return {"load_s": round(load_s, 1), "model_class": model_cls, "timer_cost_ns": round(cost),
-            "torch_threads": torch.get_num_threads(), "affinity": sorted(os.sched_getaffinity(0)), "llm_kwargs": {k: v for k, v in kw.items() if k != "model"},
+            "torch_threads": torch.get_num_threads(), "affinity": sorted(os.sched_getaffinity(0)),
+            "llm_kwargs": {k: v for k, v in kw.items() if k != "model"},
             "batches": out}
 
 

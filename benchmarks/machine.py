@@ -71,5 +71,25 @@ def slug(device: str = "cpu") -> str:
     return "-".join(words if device == "cuda" else words + [f"{os.cpu_count()}c"])
 
 
+def parse_cores(bind: str) -> list[int]:
+    """'0' / '0-1' / '0,2-3' (a VLLM_CPU_OMP_THREADS_BIND list of cores) -> [cores]."""
+    out = []
+    for part in bind.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pin_to_bound_cores() -> list[int]:
+    """Pin this process to VLLM_CPU_OMP_THREADS_BIND's cores with one torch thread per core. For an
+    in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0 / the uni executor), where vLLM binds
+    no threads itself (only a worker process of its own reads the binding)."""
+    import torch
+    cores = parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    return cores
+
+
 def results_dir(device: str = "cpu") -> Path:
     return RESULTS / slug(device)

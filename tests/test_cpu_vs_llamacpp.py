@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import cpu_vs_llamacpp as cvl  # noqa: E402
+import machine  # noqa: E402
 
 from vllm_sqplus.config import parse_config  # noqa: E402
 
@@ -46,8 +47,8 @@ def test_inproc_variants_run_the_engine_in_the_models_process_on_the_bound_cores
     inproc = [n for n in cvl.VARIANTS if "_inproc" in n]
     assert inproc and all(cvl.VARIANTS[n]["env"] == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} for n in inproc)
     assert all("env" not in cvl.VARIANTS[n] for n in cvl.VARIANTS if "_inproc" not in n)
-    assert cvl._parse_cores(cvl._cores(1)) == [0] and cvl._parse_cores(cvl._cores(2)) == [0, 1]
-    assert cvl._parse_cores("0,2-3") == [0, 2, 3]
+    assert machine.parse_cores(cvl._cores(1)) == [0] and machine.parse_cores(cvl._cores(2)) == [0, 1]
+    assert machine.parse_cores("0,2-3") == [0, 2, 3]
     spec = cvl.build_specs(["int4_bf16_inproc"], {}, {"SQPLUS_X": "1"})["int4_bf16_inproc"]
     assert spec["env"] == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "SQPLUS_X": "1"}
 

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import decode_breakdown as db  # noqa: E402
+import machine  # noqa: E402
 
 
 class FakeClock:
@@ -87,5 +88,5 @@ def test_timers_pass_through_outside_a_step():
 
 def test_worker_cores_parse_the_binding_forms():
     """The in-process worker pins itself to VLLM_CPU_OMP_THREADS_BIND's cores (vLLM does not there)."""
-    assert db._parse_cores("0") == [0] and db._parse_cores("0-1") == [0, 1]
-    assert db._parse_cores("0,2-3") == [0, 2, 3]
+    assert machine.parse_cores("0") == [0] and machine.parse_cores("0-1") == [0, 1]
+    assert machine.parse_cores("0,2-3") == [0, 2, 3]
