@@ -75,6 +75,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON path for the lines (optional)")
     a = ap.parse_args()
+    shapes = []
+    for shape in a.shapes.split(","):
+        try:
+            n, k = (int(v) for v in shape.lower().split("x"))
+        except ValueError:
+            sys.exit(f"error: --shapes: {shape!r} is not NxK (e.g. 4096x4096)")
+        if n <= 0 or k <= 0 or (a.group_size != -1 and (a.group_size <= 0 or k % a.group_size)):
+            sys.exit(f"error: --shapes {shape}: K = {k} is not a positive multiple of --group-size {a.group_size}")
+        shapes.append((shape, n, k))
     import vllm_sqplus.kernels.ops  # noqa: F401  (the new side: torch.ops.sqplus)
     from vllm_sqplus.quant import quantize_int4
     torch.ops.load_library(str(build_old(a.rev)))
@@ -82,8 +91,7 @@ def main() -> None:
     fa, fb = torch.ops.sqplus.w4a16_gemm, getattr(torch.ops, NS).w4a16_gemm
     torch.manual_seed(0)
     rows = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.lower().split("x"))
+    for shape, n, k in shapes:
         q, s, z = quantize_int4(torch.randn(n, k), a.group_size)[:3]
         first = torch.ops.sqplus.w4a16_pack(q, s, z, a.group_size)
         nb = sum(t.numel() * t.element_size() for t in first)

@@ -117,3 +117,7 @@ def test_kernel_ab_builds_a_revision_and_both_sides_agree(tmp_path, monkeypatch)
     bad = subprocess.run([sys.executable, os.path.join(os.path.dirname(kernel_bench.__file__), "kernel_ab.py"),
                           "--rev", "no-such-rev"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "is not a revision" in bad.stderr
+    for shapes, why in (("64x100", "not a positive multiple of --group-size 128"), ("64by128", "is not NxK")):
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(kernel_bench.__file__), "kernel_ab.py"),
+                            "--rev", "HEAD", "--shapes", shapes], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
