@@ -31,22 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import RESULTS, cpu_model, slug  # noqa: E402
 
 
-def _status_kib(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -62,7 +46,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     from vllm_sqplus.calib import calibration_ids
     from vllm_sqplus.calibrate import LayerwiseModel
-    from vllm_sqplus.checkpoint import load_model
+    from vllm_sqplus.checkpoint import load_model, proc_status_kib, reset_peak_rss
     from vllm_sqplus.gptq import gptq_layer
 
     from vllm_sqplus.errors import SqplusError
@@ -87,14 +71,14 @@ def main(argv=None) -> int:
     for _ in range(a.repeats):
         for order, seq, act in orders:
             layer = runner.layer_on_device(a.layer)
-            reset = _reset_peak()
-            before = _status_kib("VmRSS")
+            reset = reset_peak_rss()
+            before = proc_status_kib("VmRSS")
             t = time.perf_counter()
             qs, _ = gptq_layer(layer, arch, runner, hs, a.group_size, True, store, reproducible=True,
                                true_sequential=seq, act_order=act)
             secs = time.perf_counter() - t
             runs[order].append({"seconds": round(secs, 2), "rss_before_gib": round(before / 2**20, 3),
-                                "peak_rss_gib": round(_status_kib("VmHWM") / 2**20, 3) if reset else None})
+                                "peak_rss_gib": round(proc_status_kib("VmHWM") / 2**20, 3) if reset else None})
             codes[order] = qs
             print(order, json.dumps(runs[order][-1]), flush=True)
             del layer

@@ -31,16 +31,18 @@ def test_scorer_equals_direct_kl_and_nll(tie, dtype, monkeypatch):
         hs = runner.run_layer(runner.layer_on_device(i), hs)
     scorer = _Scorer(runner, hs, ids, tokens_per_chunk=50)  # chunks that do not divide the tokens
     other = hs + 0.05 * torch.randn_like(hs)
-    kl, nll = scorer(other)
+    kl, nll, tok = scorer(other)
     model = copy.deepcopy(model).float()
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits.float(), -1).reshape(-1, 320)
         new = torch.log_softmax(model.lm_head(model.model.norm(other)).float(), -1).reshape(-1, 320)
     direct_kl = float((ref.exp() * (ref - new)).sum(-1).mean())
     lab = ids[:, 1:].reshape(-1)
-    direct_nll = float(-new.reshape(3, 40, 320)[:, :-1].reshape(-1, 320).gather(1, lab[:, None]).mean())
+    direct_tok = -new.reshape(3, 40, 320)[:, :-1].reshape(-1, 320).gather(1, lab[:, None])[:, 0]
+    direct_nll = float(direct_tok.mean())
     assert abs(kl - direct_kl) < 1e-4 * max(1.0, direct_kl) and kl > 1e-4
     assert abs(nll - direct_nll) < 1e-4
+    torch.testing.assert_close(tok, direct_tok.double(), rtol=0, atol=1e-4)  # per token, in label order
     assert abs(scorer(hs)[0]) < 1e-5  # the reference against itself
 
 
@@ -78,21 +80,50 @@ def test_search_table_and_identity():
     # coarse grid 0.2..0.8 then two refinements around the best: 4 + 2 + 2 whole-model alphas at most
     assert 4 <= sum(r["kind"] == "whole-model" and not r["clip"] and r["alpha"] is not None for r in res.table) <= 8
     rows = {r["name"]: r for r in res.table}
-    eligible = [n for n in res.finals if rows[n]["nll"] <= rows["rtn"]["nll"]]
+    for r in res.table[1:]:  # the guard's numbers: the mean of per-token differences = difference of means
+        assert abs(r["nll_minus_rtn"] - (r["nll"] - rows["rtn"]["nll"])) < 1e-9, r["name"]
+    eligible = [n for n in res.finals if rows[n]["nll"] <= rows["rtn"]["nll"]
+                or rows[n]["nll_minus_rtn"] <= 2.0 * rows[n]["nll_minus_rtn_se"]]
     assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in eligible)
     assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
 
 
 def test_prune_rule_is_every_grid_alpha_losing_to_rtn_on_nll():
-    from vllm_sqplus.search import Candidate, _prune
-    scored = {IDENTITY: (0.05, 2.00), Candidate(0.2): (0.04, 2.01), Candidate(0.4): (0.06, 2.03)}
+    from vllm_sqplus.search import Candidate, Score, _prune
+    scored = {IDENTITY: Score(0.05, 2.00), Candidate(0.2): Score(0.04, 2.01), Candidate(0.4): Score(0.06, 2.03)}
     assert "--thorough" in _prune(scored, SearchOptions(), 2)   # lower KL alone is no foothold
     assert _prune(scored, SearchOptions(prune=False), 2) is None
     assert _prune(scored, SearchOptions(), 1) is None             # the user's one alpha: never pruned
-    scored[Candidate(0.6)] = (0.07, 2.00)                           # a tie with RTN's NLL qualifies
+    scored[Candidate(0.6)] = Score(0.07, 2.00)                      # a tie with RTN's NLL qualifies
     assert _prune(scored, SearchOptions(), 3) is None
-    assert _prune({IDENTITY: (0.05, 2.0)}, SearchOptions(), 2) is None
+    assert _prune({IDENTITY: Score(0.05, 2.0)}, SearchOptions(), 2) is None
+    # with per-token losses: 0.01 above RTN on average counts as a loss only beyond 2 standard errors
+    rtn = torch.full((512,), 2.0, dtype=torch.float64)
+    noisy = rtn + 0.01 + 0.2 * torch.randn(512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steady = rtn + 0.01
+    assert _prune({IDENTITY: Score(0.05, 2.0, rtn), Candidate(0.2): Score(0.04, float(noisy.mean()), noisy)},
+                  SearchOptions(), 2) is None
+    assert "--thorough" in _prune({IDENTITY: Score(0.05, 2.0, rtn), Candidate(0.2): Score(0.04, 2.01, steady)},
+                                  SearchOptions(), 2)
+
+
+def test_nll_difference_is_the_blocked_standard_error():
+    """Mean of the per-token differences; error = sd of the 64-token block means / sqrt(blocks),
+    written out by hand; fewer than two blocks: error 0; lengths must agree."""
+    from vllm_sqplus.search import nll_difference
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(200, generator=g, dtype=torch.float64) * 3
+    tok = ref + torch.randn(200, generator=g, dtype=torch.float64) * 0.3 + 0.02
+    d = (tok - ref).tolist()
+    blocks = [sum(d[i * 64:(i + 1) * 64]) / 64 for i in range(3)]   # 200 tokens: 3 whole blocks
+    mb = sum(blocks) / 3
+    se = (sum((b - mb) ** 2 for b in blocks) / 2) ** 0.5 / 3 ** 0.5
+    mean, got = nll_difference(tok, ref)
+    assert abs(mean - sum(d) / 200) < 1e-12 and abs(got - se) < 1e-12
+    assert nll_difference(tok[:100], ref[:100])[1] == 0.0
+    with pytest.raises(ValueError, match="different lengths"):
+        nll_difference(tok, ref[:10])
 
 
 def test_pruned_search_skips_the_smoothed_phases_and_scores_the_rest_alike(monkeypatch):
@@ -167,6 +198,11 @@ def test_choice_needs_nll_no_worse_than_rtn():
     assert choose(rows, rows) == "rtn"                # nothing dominates RTN: the identity
     rows["rtn+clip"]["nll"] = 2.0
     assert choose(rows, rows) == "rtn+clip"
+    # above RTN's NLL within 2 standard errors of the per-token difference: no loss, KL decides
+    rows["rtn+clip"].update(nll=2.15, nll_minus_rtn=0.02, nll_minus_rtn_se=0.0101)
+    assert choose(rows, rows) == "rtn+clip"
+    rows["rtn+clip"]["nll_minus_rtn_se"] = 0.0099     # beyond 2 errors: a loss
+    assert choose(rows, rows) == "rtn"
 
 
 @pytest.mark.parametrize("kind,kv", [("llama", None), ("qwen2", 2)])

@@ -27,6 +27,45 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def proc_status_kib(key: str) -> int:
+    """A KiB figure of /proc/self/status (VmRSS, VmHWM, ...); 0 where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (the peak that proc_status_kib("VmHWM") reads) to the current resident set, so
+    the next reading is the peak since now; ru_maxrss (peak_rss_gib) keeps the whole run's. False
+    where the kernel does not offer it (/proc/self/clear_refs, Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """Peak resident set per phase, GiB: `mark(name)` records the peak since the previous mark and
+    starts the next phase. New (gib None): marks "before", the process's peak up to then; given an
+    earlier object's `gib`, goes on from there. Records nothing where the peak cannot be reset."""
+
+    def __init__(self, gib: dict[str, float] | None = None):
+        self.ok = reset_peak_rss()  # the next phase's peak starts now
+        self.gib = gib if gib is not None else ({"before": round(peak_rss_gib(), 3)} if self.ok else {})
+
+    def mark(self, phase: str) -> None:
+        if self.ok:
+            self.gib[phase] = round(proc_status_kib("VmHWM") / 2**20, 3)
+            reset_peak_rss()
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed memory mappings of weight files (Linux)."""
     out = []

@@ -137,7 +137,7 @@ def search_options(args, alpha):
 
 def run(args) -> int:
     from vllm_sqplus.calib import split_heldout, tokenize_samples
-    from vllm_sqplus.checkpoint import check_group_sizes, load_model
+    from vllm_sqplus.checkpoint import PhasePeaks, check_group_sizes, load_model
     from vllm_sqplus.search import QuantSpec, apply_plans, search
 
     t0 = time.perf_counter()
@@ -168,10 +168,12 @@ def run(args) -> int:
     _log(f"search: {len(res.table)} settings scored in {res.seconds['total']:.0f}s; chosen {chosen} "
          f"(held-out KL {best['kl']:.5f} vs plain RTN {rtn['kl']:.5f})")
     plans = res.finals[chosen]
+    peaks = PhasePeaks(res.peak_rss_gib)
     apply_plans(model, arch, res.act_stats, plans, q)
     if chosen.endswith("+gptq"):
         apply_gptq(model, arch, res.gptq, q)
-    write(args, out, model, res, chosen, plans, stat_ids, heldout)
+    peaks.mark("apply")
+    write(args, out, model, res, chosen, plans, stat_ids, heldout, peaks)
     _log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -198,7 +200,7 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
                                   "to GPTQ's result (use --no-gptq and report this)")
 
 
-def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) -> None:
+def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, peaks=None) -> None:
     """The smoothed checkpoint, its quantization_config, the search table, plot and statistics."""
     from vllm_sqplus.arch import get_arch
     from vllm_sqplus.checkpoint import peak_rss_gib, save_model, write_checkpoint_atomic
@@ -235,12 +237,16 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout) ->
              "fp": res.fp_row, "rows": res.table, "layers": per_layer, "layer_log": res.layer_log,
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
              "seconds": res.seconds, "pruned": res.pruned, "peak_rss_gib": round(peak_rss_gib(), 3),
+             "peak_rss_gib_by_phase": res.peak_rss_gib,
              "command": " ".join(["sqplus", *sys.argv[1:]]) if sys.argv and "sqplus" in sys.argv[0] else None,
              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
              "threads": torch.get_num_threads()}
 
     def files(tmp: Path) -> None:
         save_model(model, args.model_dir, tmp, qcfg)
+        if peaks is not None:
+            peaks.mark("save_model")
+            table["peak_rss_gib"] = round(peak_rss_gib(), 3)
         (tmp / "sqplus_search.json").write_text(json.dumps(table, indent=2) + "\n")
         from safetensors.torch import save_file
         # in a subfolder: vLLM (and transformers' sharded loaders) read every top-level *.safetensors
