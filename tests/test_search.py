@@ -82,8 +82,7 @@ def test_search_table_and_identity():
     rows = {r["name"]: r for r in res.table}
     for r in res.table[1:]:  # the guard's numbers: the mean of per-token differences = difference of means
         assert abs(r["nll_minus_rtn"] - (r["nll"] - rows["rtn"]["nll"])) < 1e-9, r["name"]
-    eligible = [n for n in res.finals if rows[n]["nll"] <= rows["rtn"]["nll"]
-                or rows[n]["nll_minus_rtn"] <= 2.0 * rows[n]["nll_minus_rtn_se"]]
+    eligible = [n for n in res.finals if rows[n]["nll"] <= rows["rtn"]["nll"]]
     assert rows[res.best]["kl"] == min(rows[n]["kl"] for n in eligible)
     assert res.finals["rtn"] == [LayerPlan() for _ in range(2)] and res.paper in (IDENTITY, res.paper)
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
@@ -98,14 +97,11 @@ def test_prune_rule_is_every_grid_alpha_losing_to_rtn_on_nll():
     scored[Candidate(0.6)] = Score(0.07, 2.00)                      # a tie with RTN's NLL qualifies
     assert _prune(scored, SearchOptions(), 3) is None
     assert _prune({IDENTITY: Score(0.05, 2.0)}, SearchOptions(), 2) is None
-    # with per-token losses: 0.01 above RTN on average counts as a loss only beyond 2 standard errors
+    # above RTN's NLL within the noise of the tokens is still a loss (the strict guard, session 13)
     rtn = torch.full((512,), 2.0, dtype=torch.float64)
     noisy = rtn + 0.01 + 0.2 * torch.randn(512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    steady = rtn + 0.01
-    assert _prune({IDENTITY: Score(0.05, 2.0, rtn), Candidate(0.2): Score(0.04, float(noisy.mean()), noisy)},
-                  SearchOptions(), 2) is None
-    assert "--thorough" in _prune({IDENTITY: Score(0.05, 2.0, rtn), Candidate(0.2): Score(0.04, 2.01, steady)},
-                                  SearchOptions(), 2)
+    assert "--thorough" in _prune({IDENTITY: Score(0.05, 2.0, rtn),
+                                   Candidate(0.2): Score(0.04, float(noisy.mean()), noisy)}, SearchOptions(), 2)
 
 
 def test_nll_difference_is_the_blocked_standard_error():
@@ -198,10 +194,9 @@ def test_choice_needs_nll_no_worse_than_rtn():
     assert choose(rows, rows) == "rtn"                # nothing dominates RTN: the identity
     rows["rtn+clip"]["nll"] = 2.0
     assert choose(rows, rows) == "rtn+clip"
-    # above RTN's NLL within 2 standard errors of the per-token difference: no loss, KL decides
-    rows["rtn+clip"].update(nll=2.15, nll_minus_rtn=0.02, nll_minus_rtn_se=0.0101)
-    assert choose(rows, rows) == "rtn+clip"
-    rows["rtn+clip"]["nll_minus_rtn_se"] = 0.0099     # beyond 2 errors: a loss
+    # above RTN's NLL within the recorded error is still a loss (session 13: letting such settings
+    # through chose one that was worse than RTN on the evaluation texts)
+    rows["rtn+clip"].update(nll=2.15, nll_minus_rtn=0.02, nll_minus_rtn_se=0.02)
     assert choose(rows, rows) == "rtn"
 
 
