@@ -304,3 +304,45 @@ def test_phase_peaks_record_each_phase_s_own_peak():
     p.mark("freed")   # its peak still holds x: the reset at "big" saw it resident
     p.mark("small")
     assert p.gib["big"] - p.gib["small"] >= 0.08 and "before" in p.gib
+
+
+def test_split_calibration_keeps_the_held_out_samples_out_of_every_set():
+    from vllm_sqplus.calib import split_calibration, split_heldout
+    s = torch.arange(12)[:, None].repeat(1, 3)  # sample i holds i
+    stats, held, g = split_calibration(s, 4, 2, 8)
+    assert stats[:, 0].tolist() == [0, 1, 2, 3] and held[:, 0].tolist() == [4, 5]
+    assert g[:, 0].tolist() == [0, 1, 2, 3, 6, 7, 8, 9]              # statistics, then after the held-out
+    assert split_calibration(s, 4, 2, 3)[2][:, 0].tolist() == [0, 1, 2]  # fewer than the statistics
+    assert split_calibration(s, 4, 2, 40)[2][:, 0].tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]  # what exists
+    a, b = split_heldout(s[:5], 2)                                      # short stream: split_heldout's split
+    stats, held, g = split_calibration(s[:5], 4, 2, 8)
+    assert torch.equal(stats, a) and torch.equal(held, b) and torch.equal(g, a)
+
+
+def test_gptq_stage_calibrates_on_the_gptq_samples(tmp_path, calib_file, monkeypatch):
+    """--gptq-samples N: the GPTQ stage's stream is the statistics samples plus the ones after the
+    held-out samples, N in all; statistics and held-out samples are the same as without it."""
+    import vllm_sqplus.search as search_mod
+    from transformers import AutoTokenizer
+    from vllm_sqplus.calib import load_calibration_texts, tokenize_samples
+    seen, real = {}, search_mod._pass_gptq
+
+    def spy(runner, **kw):
+        seen["gptq"] = kw["stat_ids"].clone()
+        return real(runner, **kw)
+    real_search = search_mod.search
+
+    def spy_search(model, arch, stat_ids, heldout, q, opts=None, **kw):
+        seen["stats"], seen["held"] = stat_ids.clone(), heldout.clone()
+        return real_search(model, arch, stat_ids, heldout, q, opts, **kw)
+    monkeypatch.setattr(search_mod, "_pass_gptq", spy)
+    monkeypatch.setattr(search_mod, "search", spy_search)
+    src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST, "--gptq-samples", "8"]) == 0
+    stream = tokenize_samples(AutoTokenizer.from_pretrained(src), load_calibration_texts(str(calib_file)), 10, 32)
+    assert stream.shape[0] == 10  # the fixture is long enough for 6 + 2 + 2 samples
+    assert torch.equal(seen["stats"], stream[:6]) and torch.equal(seen["held"], stream[6:8])
+    assert torch.equal(seen["gptq"], torch.cat([stream[:6], stream[8:10]]))
+    table = json.loads((out / "sqplus_search.json").read_text())
+    assert table["gptq_tokens"] == (8 * 32 if table["chosen"].endswith("+gptq") else 0)

@@ -55,6 +55,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 DEFAULT_CALIB = "stdlib"
+# sqplus smooth's calibration layout (split_calibration): statistics samples, held-out samples, and
+# the GPTQ stage's samples in all (the statistics ones plus those after the held-out ones)
+DEFAULT_STAT_SAMPLES, DEFAULT_HELDOUT, DEFAULT_GPTQ_SAMPLES = 32, 4, 64
 
 
 def load_calibration_texts(spec: str) -> list[str]:
@@ -120,6 +123,21 @@ def split_heldout(samples: torch.Tensor, n_heldout: int) -> tuple[torch.Tensor, 
         raise SqplusError(f"need at least 2 calibration samples (one held out for the search), got {n}")
     k = max(1, min(n_heldout, n // 2))
     return samples[: n - k], samples[n - k:]
+
+
+def split_calibration(samples: torch.Tensor, n_stats: int, n_heldout: int,
+                      n_gptq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(statistics, held-out, GPTQ) samples of one tokenized stream laid out as statistics first,
+    the held-out ones next, then the GPTQ stage's extra samples. The GPTQ set is the statistics
+    samples plus the extra ones, n_gptq in all (or the first n_gptq statistics samples where
+    n_gptq <= n_stats); the held-out samples are never in it. A stream shorter than n_stats +
+    n_heldout is split as split_heldout does, and the GPTQ set is then the statistics samples."""
+    if samples.shape[0] < n_stats + n_heldout:
+        stats, held = split_heldout(samples, n_heldout)
+        return stats, held, stats[:n_gptq]
+    stats, held = samples[:n_stats], samples[n_stats:n_stats + n_heldout]
+    extra = samples[n_stats + n_heldout:n_stats + n_heldout + max(0, n_gptq - n_stats)]
+    return stats, held, torch.cat([stats[:n_gptq], extra])
 
 
 def calibration_ids(tokenizer, spec: str = DEFAULT_CALIB, n_samples: int = 64, n_heldout: int = 4,

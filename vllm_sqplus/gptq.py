@@ -500,6 +500,7 @@ def add_order_args(p, prefix: str = "") -> None:
 
 
 def add_parser(subparsers) -> None:
+    from vllm_sqplus.calib import DEFAULT_GPTQ_SAMPLES
     p = subparsers.add_parser("gptq", help="GPTQ INT4 of a smoothed checkpoint -> pre-quantized checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="smoothed (sqplus smooth) or plain checkpoint folder")
@@ -511,7 +512,9 @@ def add_parser(subparsers) -> None:
     add_order_args(p)
     p.add_argument("--dense-out", default=None, help="also write the dequantized weights (float32)")
     p.add_argument("--calib", default="stdlib", help="as sqplus smooth --calib")
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=DEFAULT_GPTQ_SAMPLES,
+                   help="calibration samples: those sqplus smooth takes its statistics from (its default 32), "
+                        "then the ones after its 4 held-out samples (the GPTQ stage of sqplus smooth; default 64)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=None, help="default: the input's, else 128")
     p.add_argument("--device", default="cpu")
@@ -522,7 +525,8 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     from transformers import AutoTokenizer
     from vllm_sqplus.arch import get_arch
-    from vllm_sqplus.calib import calibration_ids
+    from vllm_sqplus.calib import (DEFAULT_HELDOUT, DEFAULT_STAT_SAMPLES, load_calibration_texts,
+                                   split_calibration, tokenize_samples)
     from vllm_sqplus.checkpoint import (check_finite, check_group_size_for_config, check_output_dir,
                                         copy_side_files, load_full_precision, peak_rss_gib, read_config,
                                         write_checkpoint_atomic)
@@ -543,8 +547,13 @@ def _run(args) -> int:
     out = check_output_dir(args.model, args.out, args.overwrite)
     dense = check_output_dir(args.model, args.dense_out, args.overwrite) if args.dense_out else None
     tok = AutoTokenizer.from_pretrained(args.model)
-    # the statistics samples sqplus smooth uses (its held-out samples stay unseen here too)
-    ids, _ = calibration_ids(tok, args.calib, args.samples, 4, args.seq_len)
+    # the samples of sqplus smooth's GPTQ stage (its held-out samples stay unseen here too)
+    if args.samples < 1:
+        raise SqplusError(f"--samples must be >= 1, got {args.samples}")
+    stats_n = min(DEFAULT_STAT_SAMPLES, args.samples)
+    stream = tokenize_samples(tok, load_calibration_texts(args.calib), stats_n + DEFAULT_HELDOUT
+                              + args.samples - stats_n, args.seq_len)
+    _, _, ids = split_calibration(stream, stats_n, DEFAULT_HELDOUT, args.samples)
     stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(stored, torch.bfloat16)
     model = load_full_precision(args.model, store_dtype)

@@ -140,6 +140,7 @@ class SearchResult:
     n_heldout_tokens: int = 0
     gptq: list | None = None   # the chosen GPTQ stage, per layer {linear: (packed q, scales, zeros)}
     pruned: dict | None = None  # phases skipped by SearchOptions.prune -> why (None: nothing skipped)
+    n_gptq_tokens: int = 0     # calibration tokens of the chosen GPTQ stage (0: none chosen)
     peak_rss_gib: dict = field(default_factory=dict)  # per phase (checkpoint.PhasePeaks; "before": the load)
 
     def row(self, name: str) -> dict:
@@ -574,7 +575,7 @@ def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout
 def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, plans: list[LayerPlan],
                stat_ids: torch.Tensor, heldout: torch.Tensor, opts: SearchOptions) -> tuple[list, torch.Tensor, int]:
     """GPTQ (vllm_sqplus.gptq, RTN-reproducible form) on the smoothed + clipped layers of `plans`, on
-    the statistics samples' quantized stream. Returns (per layer {linear: (packed codes, scales,
+    the quantized stream of `stat_ids` (search's gptq_ids). Returns (per layer {linear: (packed codes, scales,
     zeros)}, the held-out stream of the result, values that RTN at load would not give back)."""
     from vllm_sqplus.export import pack_nibbles
     from vllm_sqplus.gptq import gptq_layer
@@ -627,8 +628,9 @@ def _prune(scored: dict, opts: SearchOptions, n_grid: int) -> str | None:
 
 @torch.no_grad()
 def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: torch.Tensor, q: QuantSpec,
-           opts: SearchOptions | None = None, *, device="cpu") -> SearchResult:
-    """Run the search (module docstring) and return the chosen per-layer plans and the table."""
+           opts: SearchOptions | None = None, *, device="cpu", gptq_ids: torch.Tensor | None = None) -> SearchResult:
+    """Run the search (module docstring) and return the chosen per-layer plans and the table.
+    gptq_ids: the GPTQ stage's calibration samples (default stat_ids; calib.split_calibration)."""
     from vllm_sqplus.checkpoint import PhasePeaks
     opts = opts or SearchOptions()
     peaks = PhasePeaks()
@@ -729,7 +731,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     if opts.gptq and q.zero_point:
         t = time.perf_counter()
         gptq, hs, mism = _pass_gptq(runner, arch=arch, q=q, act_stats=act_stats, plans=finals[best],
-                                    stat_ids=stat_ids, heldout=heldout, opts=opts)
+                                    stat_ids=stat_ids if gptq_ids is None else gptq_ids, heldout=heldout,
+                                    opts=opts)
         name = best + "+gptq"
         table.append(_row(name, scorer(hs), rtn_score, kind=rows[best]["kind"], clip=rows[best].get("clip"), gptq=True,
                           rtn_at_load_mismatches=mism))
@@ -744,6 +747,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", Score(0.0, scorer.fp_nll)),
                         seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel(),
+                        n_gptq_tokens=(stat_ids if gptq_ids is None else gptq_ids).numel() if gptq else 0,
                         gptq=gptq, pruned=pruned, peak_rss_gib=peaks.gib)
 
 
