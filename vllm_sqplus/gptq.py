@@ -551,8 +551,7 @@ def _run(args) -> int:
     if args.samples < 1:
         raise SqplusError(f"--samples must be >= 1, got {args.samples}")
     stats_n = min(DEFAULT_STAT_SAMPLES, args.samples)
-    stream = tokenize_samples(tok, load_calibration_texts(args.calib), stats_n + DEFAULT_HELDOUT
-                              + args.samples - stats_n, args.seq_len)
+    stream = tokenize_samples(tok, load_calibration_texts(args.calib), args.samples + DEFAULT_HELDOUT, args.seq_len)
     _, _, ids = split_calibration(stream, stats_n, DEFAULT_HELDOUT, args.samples)
     stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     store_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(stored, torch.bfloat16)

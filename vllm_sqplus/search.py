@@ -68,7 +68,7 @@ IDENTITY = Candidate(None)
 # ERROR_BLOCK-token blocks (neighbouring tokens' losses are correlated, so the per-token scatter
 # would understate it). Recorded, not used by the guard: a guard that let settings within 2 errors
 # of RTN's NLL through chose rtn+clip+gptq on Qwen2.5-Coder-0.5B (held-out NLL +0.014 +- 0.014
-# above RTN's, KL 36% below), which was worse than plain RTN on the evaluation texts (132% of RTN's
+# above RTN's, KL 36% below), which was worse than plain RTN on the evaluation texts (131% of RTN's
 # perplexity increase on code, 140% on English: accuracy_notes.md, session 13).
 ERROR_BLOCK = 64
 
@@ -734,8 +734,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
                                     stat_ids=stat_ids if gptq_ids is None else gptq_ids, heldout=heldout,
                                     opts=opts)
         name = best + "+gptq"
-        table.append(_row(name, scorer(hs), rtn_score, kind=rows[best]["kind"], clip=rows[best].get("clip"), gptq=True,
-                          rtn_at_load_mismatches=mism))
+        table.append(_row(name, scorer(hs), rtn_score, kind=rows[best]["kind"], clip=rows[best].get("clip"),
+                          gptq=True, rtn_at_load_mismatches=mism))
         finals[name] = finals[best]
         rows = {r["name"]: r for r in table}
         best = choose(finals, rows)
