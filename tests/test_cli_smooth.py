@@ -137,6 +137,14 @@ def _fails(capsys, argv, pattern):
     return lines[-1]
 
 
+def test_sample_counts_below_one_are_one_error_before_any_work(tmp_path, capsys, calib_file):
+    src = save_tiny(tmp_path / "src", "llama")
+    for opt in ("--gptq-samples", "--samples"):
+        _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file), opt, "0"],
+               "--gptq-samples must be >= 1")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_folder(tmp_path, capsys):
     _fails(capsys, ["smooth", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "model folder not found")
 

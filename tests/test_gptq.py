@@ -85,6 +85,8 @@ def test_gptq_bad_input_one_clear_error_and_input_untouched(tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "64"], "not a multiple of group_size 64")
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "16"], "group_size must be one of")
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32", "--samples", "0"],
+                "--samples must be >= 1, got 0")
     (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32"], "unsupported architecture")
     (src / "config.json").write_text(json.dumps(cfg))

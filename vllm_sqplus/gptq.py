@@ -544,12 +544,12 @@ def _run(args) -> int:
         raise SqplusError("--range-search goes with --format smoothed and act-order (not --no-act-order)")
     if args.format == "smoothed" and args.dense_out:
         raise SqplusError("--dense-out goes with --format packed (the smoothed form is itself dense)")
+    if args.samples < 1:
+        raise SqplusError(f"--samples must be >= 1, got {args.samples}")
     out = check_output_dir(args.model, args.out, args.overwrite)
     dense = check_output_dir(args.model, args.dense_out, args.overwrite) if args.dense_out else None
     tok = AutoTokenizer.from_pretrained(args.model)
     # the samples of sqplus smooth's GPTQ stage (its held-out samples stay unseen here too)
-    if args.samples < 1:
-        raise SqplusError(f"--samples must be >= 1, got {args.samples}")
     stats_n = min(DEFAULT_STAT_SAMPLES, args.samples)
     stream = tokenize_samples(tok, load_calibration_texts(args.calib), args.samples + DEFAULT_HELDOUT, args.seq_len)
     _, _, ids = split_calibration(stream, stats_n, DEFAULT_HELDOUT, args.samples)

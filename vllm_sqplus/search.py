@@ -633,6 +633,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     gptq_ids: the GPTQ stage's calibration samples (default stat_ids; calib.split_calibration)."""
     from vllm_sqplus.checkpoint import PhasePeaks
     opts = opts or SearchOptions()
+    gptq_ids = stat_ids if gptq_ids is None else gptq_ids
     peaks = PhasePeaks()
     t0 = time.perf_counter()
     secs: dict[str, float] = {}
@@ -731,8 +732,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     if opts.gptq and q.zero_point:
         t = time.perf_counter()
         gptq, hs, mism = _pass_gptq(runner, arch=arch, q=q, act_stats=act_stats, plans=finals[best],
-                                    stat_ids=stat_ids if gptq_ids is None else gptq_ids, heldout=heldout,
-                                    opts=opts)
+                                    stat_ids=gptq_ids, heldout=heldout, opts=opts)
         name = best + "+gptq"
         table.append(_row(name, scorer(hs), rtn_score, kind=rows[best]["kind"], clip=rows[best].get("clip"),
                           gptq=True, rtn_at_load_mismatches=mism))
@@ -747,7 +747,7 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", Score(0.0, scorer.fp_nll)),
                         seconds=secs, n_stat_tokens=stat_ids.numel(), n_heldout_tokens=heldout.numel(),
-                        n_gptq_tokens=(stat_ids if gptq_ids is None else gptq_ids).numel() if gptq else 0,
+                        n_gptq_tokens=gptq_ids.numel() if gptq else 0,
                         gptq=gptq, pruned=pruned, peak_rss_gib=peaks.gib)
 
 

@@ -246,7 +246,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
              "stat_tokens": res.n_stat_tokens, "heldout_tokens": res.n_heldout_tokens,
              "gptq_tokens": res.n_gptq_tokens,
              "seconds": res.seconds, "pruned": res.pruned, "peak_rss_gib": round(peak_rss_gib(), 3),
-             "peak_rss_gib_by_phase": res.peak_rss_gib,
+             "peak_rss_gib_by_phase": peaks.gib if peaks is not None else res.peak_rss_gib,
              "command": " ".join(["sqplus", *sys.argv[1:]]) if sys.argv and "sqplus" in sys.argv[0] else None,
              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
              "threads": torch.get_num_threads()}
