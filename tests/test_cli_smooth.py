@@ -314,6 +314,23 @@ def test_phase_peaks_record_each_phase_s_own_peak():
     assert p.gib["big"] - p.gib["small"] >= 0.08 and "before" in p.gib
 
 
+def test_peak_rss_survives_the_resets():
+    """The kernel's ru_maxrss follows a VmHWM reset; peak_rss_gib (what sqplus_search.json and the
+    gptq record report as the run's peak) must still hold a 192 MiB buffer freed before the reset."""
+    import resource
+    from vllm_sqplus.checkpoint import peak_rss_gib, proc_status_kib, reset_peak_rss
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak resident set (/proc/self/clear_refs)")
+    base = proc_status_kib("VmRSS") / 2**20
+    x = torch.ones(192 * 2**20 // 4)
+    del x
+    reset_peak_rss()
+    reset_peak_rss()  # a second reset finds the lower VmHWM and must not lower the kept peak
+    assert proc_status_kib("VmHWM") / 2**20 < base + 0.1        # the reset really dropped the buffer's peak
+    assert peak_rss_gib() >= base + 0.18
+    assert peak_rss_gib() >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def test_split_calibration_keeps_the_held_out_samples_out_of_every_set():
     from vllm_sqplus.calib import split_calibration, split_heldout
     s = torch.arange(12)[:, None].repeat(1, 3)  # sample i holds i

@@ -21,10 +21,14 @@ _SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+_PEAK_BEFORE_RESETS_KIB = 0  # the highest VmHWM that reset_peak_rss has cleared
+
+
 def peak_rss_gib() -> float:
-    """This process's peak resident set so far, GiB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set so far, GiB, across reset_peak_rss's resets: Linux's
+    ru_maxrss (KiB) follows the VmHWM that a reset clears, so the peaks cleared are kept here."""
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _PEAK_BEFORE_RESETS_KIB) / 2**20
 
 
 def proc_status_kib(key: str) -> int:
@@ -41,8 +45,11 @@ def proc_status_kib(key: str) -> int:
 
 def reset_peak_rss() -> bool:
     """Reset VmHWM (the peak that proc_status_kib("VmHWM") reads) to the current resident set, so
-    the next reading is the peak since now; ru_maxrss (peak_rss_gib) keeps the whole run's. False
-    where the kernel does not offer it (/proc/self/clear_refs, Linux 4.0+)."""
+    the next reading is the peak since now. The kernel's ru_maxrss follows the reset (so does what
+    `/usr/bin/time` reports for the process: only the peak after the last reset); peak_rss_gib keeps
+    the whole run's. False where the kernel does not offer it (/proc/self/clear_refs, Linux 4.0+)."""
+    global _PEAK_BEFORE_RESETS_KIB
+    _PEAK_BEFORE_RESETS_KIB = max(_PEAK_BEFORE_RESETS_KIB, proc_status_kib("VmHWM"))
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -187,13 +187,18 @@ def run(args) -> int:
 
 def apply_gptq(model, arch, per_layer: list, q) -> None:
     """The GPTQ stage's weights into the smoothed model (each linear: its dequantized INT4 in the
-    model's dtype), checked: plain RTN of what is stored gives back GPTQ's codes, scales and zeros."""
+    model's dtype), checked: plain RTN of what is stored gives back GPTQ's codes, scales and zeros.
+    Consumes per_layer: each layer's packed codes are let go once applied (0.65 GB on Qwen2.5-1.5B
+    that the write would otherwise hold beside the model)."""
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.checkpoint import release_file_pages
     from vllm_sqplus.export import unpack_nibbles
     from vllm_sqplus.quant import dequantize_int4, quantize_int4
     layers = get_module(model, arch.layers)
-    for i, (layer, qs) in enumerate(zip(layers, per_layer)):
+    if len(per_layer) != len(layers):
+        raise SqplusError(f"GPTQ stage: {len(per_layer)} layers of results for a model of {len(layers)}")
+    for i, layer in enumerate(layers):
+        qs, per_layer[i] = per_layer[i], None
         for name, (packed, s, z) in qs.items():
             w = get_module(layer, name).weight
             codes = unpack_nibbles(packed)
