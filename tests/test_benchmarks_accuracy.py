@@ -200,3 +200,30 @@ def test_producer_of_a_sqplus_gptq_smoothed_checkpoint_is_its_own_record(tmp_pat
     assert p["seconds"] == 1489.0 and p["peak_rss_gib"] == 5.1 and p["method"] == "sqplus gptq"
     (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "smoothquant_plus"}}))
     assert acc.producer_record("smoothed", d) is None
+
+
+def test_peer_calibration_dump_of_the_gptq_stage_set(fp_dir, tmp_path, monkeypatch):
+    """benchmarks/peers/dump_calib.py --gptq-samples N hands a peer exactly our GPTQ stage's samples:
+    the first 32 statistics samples and the N - 32 after the held-out ones (the held-out never among
+    them); without it, the statistics samples as calibration_ids gives them."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from vllm_sqplus.calib import load_calibration_texts, split_calibration, tokenize_samples
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CODE * 60)
+    dump = _load("peers/dump_calib")
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    stream = tokenize_samples(tok, load_calibration_texts(str(calib)), 44, 16)
+    assert stream.shape[0] == 44
+    out = tmp_path / "c.safetensors"
+    monkeypatch.setattr(sys, "argv", ["dump_calib", str(fp_dir), "--calib", str(calib), "--seq-len", "16",
+                                      "--gptq-samples", "40", "--out", str(out)])
+    dump.main()
+    got = load_file(out)
+    _, held, want = split_calibration(stream, 32, 4, 40)
+    assert torch.equal(got["stat_ids"], want) and torch.equal(got["heldout_ids"], held)
+    assert torch.equal(want[:32], stream[:32]) and torch.equal(want[32:], stream[36:44])
+    monkeypatch.setattr(sys, "argv", ["dump_calib", str(fp_dir), "--calib", str(calib), "--seq-len", "16",
+                                      "--n-samples", "40", "--out", str(out)])
+    dump.main()
+    assert torch.equal(load_file(out)["stat_ids"], stream[:40])

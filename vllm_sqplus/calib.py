@@ -148,3 +148,13 @@ def calibration_ids(tokenizer, spec: str = DEFAULT_CALIB, n_samples: int = 64, n
     """
     samples = tokenize_samples(tokenizer, load_calibration_texts(spec), n_samples + n_heldout, seq_len)
     return split_heldout(samples, n_heldout)
+
+
+def gptq_stage_ids(tokenizer, spec: str, n_gptq: int, seq_len: int = 512,
+                   n_heldout: int = DEFAULT_HELDOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GPTQ samples, held-out samples) of `sqplus smooth`'s GPTQ stage on n_gptq samples: the first
+    min(32, n_gptq) statistics samples and the n_gptq - 32 after the held-out ones (split_calibration).
+    `sqplus gptq` calibrates on them, and benchmarks/peers hands them to llm-compressor's GPTQ."""
+    stream = tokenize_samples(tokenizer, load_calibration_texts(spec), n_gptq + n_heldout, seq_len)
+    _, held, ids = split_calibration(stream, min(DEFAULT_STAT_SAMPLES, n_gptq), n_heldout, n_gptq)
+    return ids, held
