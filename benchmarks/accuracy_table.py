@@ -107,7 +107,7 @@ def render(records: list[dict], humaneval: dict) -> str:
              "samples). `sqplus smooth` (default) takes its statistics from the first 32 samples and scores its "
              "choices on the next 4; its GPTQ stage (since session 13) calibrates on the first 32 and samples "
              "37-68, 64 in all (rows made before say 32). GPTQ and AWQ are given the first 64 samples (a row "
-             "says where a peer used a shorter prefix). Evaluation (benchmarks/accuracy.py, float32, one code path for every row): "
+             "says where a peer used a shorter prefix, or our GPTQ stage's 64 instead). Evaluation (benchmarks/accuracy.py, float32, one code path for every row): "
              "held-out code = 12 other stdlib modules, held-out English = the reference-manual topics of "
              "pydoc_data; neither is calibrated on. *Share* = (variant - FP) / (RTN - FP) of the perplexity: "
              "0% is lossless, 100% is RTN. KL = mean over tokens of KL(FP || variant), nats. "
