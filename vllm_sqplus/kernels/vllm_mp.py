@@ -114,5 +114,10 @@ class VllmMPBackend(W4A16Backend):
 
     def apply(self, x, packed, group, bias=None):
         # the holder holds the kernel's repacked tensors and attributes (isa hints, workspaces);
-        # `packed` are the same tensors, registered on the vLLM layer for its memory accounting
+        # `packed` are the same tensors, registered on the vLLM layer for its memory accounting.
+        # On AMX with bfloat16 activations CPUWNA16 runs its W4A8 op (VLLM_CPU_INT4_W4A8, on by
+        # default), which takes a float32 bias (vLLM converts layer.bias while repacking; ours
+        # comes here): a bfloat16 one fails with "expected scalar type Float but found BFloat16"
+        if bias is not None and getattr(self.holder, "use_w4a8", False):
+            bias = bias.float()
         return self.kernel.apply_weights(self.holder, x, bias)
