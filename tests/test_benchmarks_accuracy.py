@@ -220,6 +220,9 @@ def test_peer_calibration_dump_of_the_gptq_stage_set(fp_dir, tmp_path, monkeypat
                                       "--gptq-samples", "40", "--out", str(out)])
     dump.main()
     got = load_file(out)
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:  # the record names the set dumped, not the unused --n-samples
+        assert f.metadata()["n_samples"] == "40" and f.metadata()["set"] == "gptq stage (40)"
     _, held, want = split_calibration(stream, 32, 4, 40)
     assert torch.equal(got["stat_ids"], want) and torch.equal(got["heldout_ids"], held)
     assert torch.equal(want[:32], stream[:32]) and torch.equal(want[32:], stream[36:44])

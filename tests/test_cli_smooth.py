@@ -233,7 +233,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     # act_order=True: the defaults (act-order, true-sequential); False: --no-gptq-act-order
     # --no-gptq-true-sequential (GPTQ's usual order), both options off in one tiny run
     """The default's last stage: GPTQ on the chosen smoothed + clipped weights, a row of its own,
-    kept only by the same held-out rule; when kept, every stored linear is a fixed point of the
+    kept by search.keep_gptq_stage; when kept, every stored linear is a fixed point of the
     plugin's RTN at load (dequantize(quantize(w)) == w bit for bit), so the plugin reproduces it.
     Same in the usual order; the config records which order was used."""
     from safetensors.torch import load_file
@@ -246,8 +246,15 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     rows = {r["name"]: r for r in table["rows"]}
     g = [r for r in rows.values() if r.get("gptq")]
     assert len(g) == 1 and g[0]["rtn_at_load_mismatches"] == 0 and "gptq" in table["seconds"]
-    best = min((r for r in rows.values() if r["nll"] <= rows["rtn"]["nll"]), key=lambda r: r["kl"])
-    assert table["chosen"] == best["name"]
+    assert not list(tmp_path.glob(".sqplus-spill-*"))  # the stage's spilled codes are gone with the run
+    # the stage runs on the guarded choice among the other rows and replaces it when its KL is lower
+    # and its NLL within one standard error of that base's (search.keep_gptq_stage)
+    base = min((r for r in rows.values() if not r.get("gptq") and r["nll"] <= rows["rtn"]["nll"]),
+               key=lambda r: r["kl"])
+    assert g[0]["name"] == base["name"] + "+gptq" and g[0]["base"] == base["name"]
+    assert abs(g[0]["nll_minus_base"] - (g[0]["nll"] - base["nll"])) < 1e-9
+    kept = g[0]["kl"] < base["kl"] and g[0]["nll_minus_base"] <= g[0]["nll_minus_base_se"] + 1e-12
+    assert table["chosen"] == (g[0] if kept else base)["name"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"] == table["chosen"].endswith("+gptq")
     if qc["gptq"]:

@@ -381,3 +381,37 @@ def test_sqplus_gptq_range_search_is_recorded_and_needs_act_order(tmp_path, caps
     assert main(["gptq", str(src), "--out", str(tmp_path / "s"), "--range-search", *args]) == 0
     qc = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
     assert qc["gptq"]["range_ratios"][0] == 1.0 and qc["gptq"]["rtn_at_load_mismatches"] == 0
+
+
+def test_layer_spill_gives_back_what_was_appended_and_cleans_up(tmp_path):
+    """checkpoint.LayerSpill: per-layer dicts of tensors and tuples round-trip through files bit for
+    bit, [i] = None deletes layer i's file, negative indices and iteration work like a list's, and the
+    folder goes at close() (and with the object)."""
+    import gc
+    from vllm_sqplus.checkpoint import LayerSpill
+    g = torch.Generator().manual_seed(0)
+    layers = [{"q_proj": (torch.randint(0, 256, (8, 16), dtype=torch.uint8, generator=g),
+                          torch.randn(8, 2, generator=g).to(torch.bfloat16),
+                          torch.randint(0, 16, (8, 2), dtype=torch.uint8, generator=g))} for _ in range(3)]
+    sp = LayerSpill(tmp_path)
+    for x in layers:
+        sp.append(x)
+    assert len(sp) == 3 and sp.dir.parent == tmp_path
+    for want, got in zip(layers, sp):
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want["q_proj"], got["q_proj"]))
+    assert torch.equal(sp[-1]["q_proj"][0], layers[2]["q_proj"][0])
+    sp[0] = None
+    assert sp[0] is None and not (sp.dir / "0.pt").exists() and sp[1] is not None
+    with pytest.raises(IndexError):
+        sp[3]
+    with pytest.raises(TypeError):
+        sp[1] = layers[0]
+    d = sp.dir
+    sp.close()
+    assert not d.exists()
+    sp2 = LayerSpill(tmp_path)
+    sp2.append(layers[0])
+    d2 = sp2.dir
+    del sp2
+    gc.collect()
+    assert not d2.exists()

@@ -127,7 +127,7 @@ def test_pruned_search_skips_the_smoothed_phases_and_scores_the_rest_alike(monke
     plan; every setting it does score has exactly the unpruned search's loss, and the choice is
     `choose` over what was scored."""
     import vllm_sqplus.search as search_mod
-    from vllm_sqplus.search import choose
+    from vllm_sqplus.search import choose, keep_gptq_stage
     model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
     arch = get_arch(model.config)
     ids = _ids(6, 32, seed=2)
@@ -148,7 +148,10 @@ def test_pruned_search_skips_the_smoothed_phases_and_scores_the_rest_alike(monke
         if not r.get("gptq"):
             assert (r["kl"], r["nll"]) == (rows_full[r["name"]]["kl"], rows_full[r["name"]]["nll"]), r["name"]
     rows = {r["name"]: r for r in res.table}
-    assert res.best == choose(res.finals, rows)
+    stage = next(r for r in res.table if r.get("gptq"))
+    base = choose([n for n in res.finals if not rows[n].get("gptq")], rows)
+    assert stage["base"] == base
+    assert res.best == (stage["name"] if keep_gptq_stage(stage, rows[base]) else base)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -232,3 +235,44 @@ def test_prepare_layer_reuse_rebuilds_exactly_what_changed(kind, kv):
             assert torch.equal(a, b), (alphas, n1)
     # a step that changes one pair leaves the other linears as they were
     assert min(rebuilt[2:]) < len(arch.linears)
+
+
+def test_gptq_stage_is_kept_on_lower_kl_and_nll_within_one_error_of_its_base():
+    """keep_gptq_stage: the stage replaces its (already guarded) base when its held-out KL is lower
+    and its NLL is above the base's by at most one standard error of the paired difference."""
+    from vllm_sqplus.search import keep_gptq_stage
+    base = {"kl": 0.0774, "nll": 2.12661}
+    # Qwen2.5-Coder-0.5B, session 14: 43% less KL, NLL +0.0014 +- 0.0116 (the strict guard rejected it)
+    stage = {"kl": 0.0440, "nll": 2.12805, "nll_minus_base": 0.0014, "nll_minus_base_se": 0.0116}
+    assert keep_gptq_stage(stage, base)
+    assert keep_gptq_stage({**stage, "nll_minus_base": 0.0116}, base)           # one error: still kept
+    assert not keep_gptq_stage({**stage, "nll_minus_base": 0.0117}, base)       # beyond one error
+    assert not keep_gptq_stage({**stage, "kl": 0.0774}, base)                   # KL must fall
+    assert keep_gptq_stage({**stage, "nll_minus_base": -0.05}, base)
+    # no error to go on (fewer than two blocks): the strict test
+    assert not keep_gptq_stage({**stage, "nll_minus_base_se": 0.0}, base)
+    assert keep_gptq_stage({**stage, "nll_minus_base": 0.0, "nll_minus_base_se": 0.0}, base)
+
+
+def test_gptq_stage_spilled_to_files_is_the_same_stage(tmp_path):
+    """SearchOptions.gptq_spill (what `sqplus smooth` uses): the stage's codes kept in a LayerSpill
+    beside the output are exactly the in-memory stage's, with the same table."""
+    model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    ids = _ids(6, 32, seed=2)
+    q = QuantSpec(64, True, torch.bfloat16)
+    kw = dict(fit_samples=2, batch_size=2, gptq=True, prune=False, refine=False, alphas=(0.5,))
+    mem = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw))
+    spill = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw, gptq_spill=True, spill_dir=str(tmp_path)))
+    assert [(r["name"], r["kl"], r["nll"]) for r in mem.table] == [(r["name"], r["kl"], r["nll"]) for r in spill.table]
+    from vllm_sqplus.search import _pass_gptq  # the stage itself, whatever the choice was
+    from vllm_sqplus.calibrate import LayerwiseModel
+    runs = []
+    for sp in (False, True):
+        runner = LayerwiseModel(model, arch, "cpu", batch_size=2)
+        codes, _, _ = _pass_gptq(runner, arch=arch, q=q, act_stats=mem.act_stats, plans=mem.finals["rtn"],
+                                 stat_ids=ids[:4], heldout=ids[4:],
+                                 opts=SearchOptions(**kw, gptq_spill=sp, spill_dir=str(tmp_path)))
+        runs.append(list(codes))
+    for a, b in zip(*runs):
+        assert a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))

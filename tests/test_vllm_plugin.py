@@ -458,3 +458,8 @@ def test_kernel_backend_vllm_w4a8_path_takes_a_bfloat16_bias(no_tp_group):
     y = method.apply(layer, x, b)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    # the float32 copy is kept between calls, and follows the bias when it changes in place
+    assert torch.equal(method.apply(layer, x, b), y)
+    b.add_(1.0)
+    torch.testing.assert_close(method.apply(layer, x, b).float(), ref + 1.0, rtol=0.05,
+                               atol=0.05 * ref.abs().max().item())

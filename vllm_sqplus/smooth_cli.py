@@ -120,7 +120,9 @@ def validate(args):
     return alpha, out, load_calibration_texts(args.calib)
 
 
-def search_options(args, alpha):
+def search_options(args, alpha, out: Path | None = None):
+    """The search's options from the command line; with `out`, the GPTQ stage keeps its codes in
+    files beside the output folder until they are applied (checkpoint.LayerSpill)."""
     from vllm_sqplus.gptq import range_ratios_of
     from vllm_sqplus.search import SearchOptions
     fixed = alpha != "auto"
@@ -136,7 +138,8 @@ def search_options(args, alpha):
                          fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
-                         gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough)
+                         gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough,
+                         gptq_spill=out is not None, spill_dir=str(out.parent) if out is not None else None)
 
 
 def run(args) -> int:
@@ -154,7 +157,8 @@ def run(args) -> int:
         tok = AutoTokenizer.from_pretrained(args.model_dir)
     except Exception as e:  # noqa: BLE001
         raise SqplusError(f"cannot load the tokenizer of {args.model_dir}: {e}") from None
-    opts = search_options(args, alpha)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the GPTQ stage's codes wait there (LayerSpill)
+    opts = search_options(args, alpha, out)
     n_gptq = args.gptq_samples if opts.gptq else args.samples
     samples = tokenize_samples(tok, texts, args.samples + args.heldout + max(0, n_gptq - args.samples), args.seq_len)
     stat_ids, heldout, gptq_ids = split_calibration(samples, args.samples, args.heldout, n_gptq)
@@ -210,6 +214,8 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
             if not (torch.equal(q2, codes) and torch.equal(s2, s) and torch.equal(z2, z)):
                 raise SqplusError(f"layers.{i}.{name}: the stored GPTQ weights do not quantize back "
                                   "to GPTQ's result (use --no-gptq and report this)")
+    if hasattr(per_layer, "close"):  # a checkpoint.LayerSpill: its folder goes now
+        per_layer.close()
 
 
 def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, peaks=None) -> None:

@@ -49,7 +49,8 @@ def main() -> None:
     else:
         stat_ids, held_ids = gptq_stage_ids(tok, a.calib, a.gptq_samples, a.seq_len, a.n_heldout)
     meta = {"set": "statistics" if a.gptq_samples is None else f"gptq stage ({a.gptq_samples})",
-            "model": str(Path(a.model).resolve()), "calib": a.calib, "n_samples": str(a.n_samples),
+            "model": str(Path(a.model).resolve()), "calib": a.calib,
+            "n_samples": str(a.n_samples if a.gptq_samples is None else stat_ids.shape[0]),
             "n_heldout": str(a.n_heldout), "seq_len": str(a.seq_len),
             "stat_ids_shape": json.dumps(list(stat_ids.shape)), "stat_ids_sha256": ids_sha256(stat_ids)}
     out = Path(a.out)

@@ -117,7 +117,11 @@ class VllmMPBackend(W4A16Backend):
         # `packed` are the same tensors, registered on the vLLM layer for its memory accounting.
         # On AMX with bfloat16 activations CPUWNA16 runs its W4A8 op (VLLM_CPU_INT4_W4A8, on by
         # default), which takes a float32 bias (vLLM converts layer.bias while repacking; ours
-        # comes here): a bfloat16 one fails with "expected scalar type Float but found BFloat16"
-        if bias is not None and getattr(self.holder, "use_w4a8", False):
-            bias = bias.float()
+        # comes here): a bfloat16 one fails with "expected scalar type Float but found BFloat16".
+        # Converted once and kept while the bias is the same tensor, unchanged in place.
+        if bias is not None and getattr(self.holder, "use_w4a8", False) and bias.dtype != torch.float32:
+            key = (bias.data_ptr(), bias._version, bias.shape)
+            if getattr(self, "_bias32", (None, None))[0] != key:
+                self._bias32 = (key, bias.float())
+            bias = self._bias32[1]
         return self.kernel.apply_weights(self.holder, x, bias)
