@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo (README): set-up + real models, then the whole SmoothQuant+ path on Qwen2.5-Coder-0.5B:
 #   1. sqplus smooth   calibrate on stdlib code (the default), search, clip, GPTQ stage, write a smoothed
-#                      BF16 checkpoint (Qwen-0.5B: search 88 min + GPTQ stage 58 min measured on 2 loaded cores;
-#                      smollm2-135m-instruct: 40 + 34 min)
+#                      BF16 checkpoint (Qwen-0.5B: 7.9 min, smollm2-135m-instruct: 5.5 min at one thread, on
+#                      a quiet 2-core Xeon VM, 2026-12-04; about twice that on the 2-core AMD VMs)
 #   2. vLLM            LLM(model=..., quantization="smoothquant_plus"): INT4 while loading, generate
 #   3. sqplus serve    the OpenAI server on 127.0.0.1, queried once with curl, then stopped
 # usage: bash scripts/demo.sh [MODEL_NAME]   (qwen2.5-coder-0.5b-instruct | smollm2-135m-instruct)
