@@ -16,7 +16,9 @@ function): CPU: torch F.linear float32 and bfloat16, torch's INT4 CPU GEMM
 aten._weight_int4pack_mm_for_cpu on the same codes, vLLM's cpu_gemm_wna16 (CPUWNA16, fed our codes
 through kernels/vllm_mp.py as kernel_backend=vllm does) where the build has it, and, where our
 CPU default is the AMX kernel, our AVX-512 VNNI kernel (int16 activations, sqplus_avx512vnni) forced
-on the same weights, and where it is AMX or VNNI, our AVX-512 FMA kernel (sqplus_avx512).
+on the same weights, where it is AMX or VNNI, our AVX-512 FMA kernel (sqplus_avx512), and where it
+is AVX2 with 16-bit activations (the int16 kernel), our AVX2 FMA kernel on the same values in
+float32 (sqplus_avx2_fma).
 CUDA: torch float16 F.linear (cuBLAS), torch._weight_int4pack_mm (bfloat16); besides our default
 (by rows) also our two paths forced: sqplus_stream (M <= 1024) and sqplus_dequant (M >= 16).
 
@@ -247,6 +249,11 @@ def build_methods(q, s, z, g, device, act_dtype, llc, warm):
                             sqplus_dequant=CudaBackend(path="dequant"))
         for name, b in variants.items():
             methods[name] = (lambda x, b=b: b.apply(x, rot.next(), g), _nbytes(probe), act_dtype)
+        if isa == "avx2" and act_dtype != torch.float32:
+            # our AVX2 FMA kernel (the 16-bit default before the int16 one) on the same values,
+            # handed over as float32: the FMA kernel converts 16-bit x to float32 itself anyway
+            methods["sqplus_avx2_fma"] = (lambda x, b=mine: b.apply(x, rot.next(), g), _nbytes(probe),
+                                          torch.float32)
     else:
         absent["sqplus"] = f"our {device} kernel cannot run here: {why}"
 
@@ -362,7 +369,7 @@ def render_markdown(rec: dict) -> str:
     mach = rec["machine"]
     dev = mach["device"]
     peers = (["torch_f32", "torch_bf16", "torch_int4"] if dev == "cpu" else ["torch_f16", "torch_int4"])
-    peers += [p for p in ("vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512")
+    peers += [p for p in ("vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512", "sqplus_avx2_fma")
               if any(p in r["methods"] for r in rec["rows"])]
     variants = [] if dev == "cpu" else ["sqplus_stream", "sqplus_dequant"]
     lines = [f"# W4A16 kernel benchmark ({dev})", "",
@@ -467,8 +474,10 @@ def main(argv=None) -> int:
 
     rows, absent_all = [], {}
     hdr = (f"{'shape':>18} {'NxK':>11} {'M':>4} {'ours us':>9} {'GB/s':>6} {'%BW':>5} "
-           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>7} {'vs vnni':>7} {'vs fma':>7}")
-    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512"]
+           f"{'vs f32':>7} {'vs bf16':>7} {'vs int4':>7} {'vs vllm':>7} {'vs vnni':>7} {'vs fma':>7} "
+           f"{'vs fma2':>7}")
+    peers_cols = (["torch_f32", "torch_bf16", "torch_int4", "vllm_wna16", "sqplus_avx512vnni", "sqplus_avx512",
+                   "sqplus_avx2_fma"]
                   if dev == "cpu"
                   else ["torch_f16", "torch_int4"])
     if dev == "cuda":

@@ -5,8 +5,8 @@ Tolerances (max|y - ref| / max|ref|, ref computed in float32 from the same codes
   float16 x: 1.5e-3 (output rounding to float16, 2^-11 relative per element)
   bfloat16 x: 8e-3  (output rounding to bfloat16, 2^-8 relative per element)
 The activations are rounded to x.dtype before the reference sees them, so only the output
-rounding separates the two (and, for the avx512vnni kernel on 16-bit x, its int16 activations:
-2^-16 of each group's max|x| per element; test_vnni_kernel checks it against their twin). Every ISA this CPU has is run (CpuBackend(isa=...) picks one).
+rounding separates the two (and, for the avx512vnni and avx2 kernels on 16-bit x, their int16
+activations: 2^-16 of each group's max|x| per element; test_vnni_kernel checks them against their twin). Every ISA this CPU has is run (CpuBackend(isa=...) picks one).
 Also here: the backend objects' choice (choose_backend, can_implement) and their errors.
 """
 import functools
@@ -54,7 +54,15 @@ def _amx() -> bool:
 
 needs_amx = pytest.mark.skipif("not _amx()", reason="no usable AMX-BF16")
 needs_vnni = pytest.mark.skipif(not _cpu_has("avx512_vnni"), reason="no AVX-512 VNNI")
+needs_avx2 = pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")), reason="no AVX2+FMA")
 VNNI, AMX, FMA512 = backends.CPU_ISAS["avx512vnni"], backends.CPU_ISAS["amx"], backends.CPU_ISAS["avx512"]
+AVX2 = backends.CPU_ISAS["avx2"]
+# the kernel codes whose 16-bit activations go through int16 (csrc/cpu/w4a16_vnni.cpp,
+# w4a16_avx2_int16.cpp): the same activations, the same exact int32 sums, the same epilogue
+INT16_CODES = [pytest.param(VNNI, marks=needs_vnni, id="avx512vnni"),
+               pytest.param(AVX2, marks=needs_avx2, id="avx2")]
+# what each of them runs on float32 x: an FMA kernel (code 4: the AVX-512 one)
+FMA_OF = {VNNI: FMA512, AVX2: AVX2}
 AMX_MIN_ROWS = 5  # kAmxMinRows, csrc/cpu/w4a16_cpu.h
 
 
@@ -238,37 +246,54 @@ def _vnni_reference(x, q, s, z, g, bias):
 
 
 @needs_ext
-@needs_vnni
+@pytest.mark.parametrize("code", INT16_CODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (2, 256, 512, 32), (3, 130, 384, 64),
                                      (4, 192, 256, 128), (1, 130, 100, -1), (2, 130, 100, -1),
                                      (7, 130, 100, -1), (1, 64, 1024, -1), (2, 130, 5000, -1),
                                      (9, 4096, 4096, 128)])
-def test_vnni_kernel(m, n, k, g, dtype):
-    # kernel 4 on 16-bit x equals x~ @ w.T with x~ its int16 activations (quantize_act_int16, the
-    # twin of the C++ quantizer) up to the output rounding to x.dtype and fp32 epilogue sums:
+def test_vnni_kernel(m, n, k, g, dtype, code):
+    # kernel 4 (and kernel 2, its AVX2 twin) on 16-bit x equals x~ @ w.T with x~ its int16
+    # activations (quantize_act_int16, the twin of the C++ quantizers) up to the output rounding to x.dtype and fp32 epilogue sums:
     # M = 1, 2 take the masked-pair path on groups of <= 512 k's (g = 32..128, and per-channel
     # K = 100: a 104-k group with a K % 16 tail in the quantizer), the shift path above (per-channel
     # K = 1024, and K = 5000 where qmax drops to 28633 against int32 overflow), M = 3, 4, 7, 9 the
-    # 4-row blocks and their tails; N = 130 a partial tile
+    # 4-row blocks and their tails; N = 130 a partial tile. Kernel 2 (AVX2) has one path for every
+    # row count (a shift per pair), its row blocks 1, 2, 3-4 with 8, 4, 2 column vectors a pass
     x, q, s, z, b, _ = _problem(m, n, k, g, True, dtype, True, seed=13)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
     _poison(m * n, dtype)
-    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, VNNI)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, code)
     assert y.dtype == dtype and torch.isfinite(y).all()
     ref = _vnni_reference(x, q, s, z, g, b)
     out_ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
     torch.testing.assert_close(y.double(), ref, rtol=out_ulp, atol=1e-6 * ref.abs().max().item())
-    # float32 x: the FMA kernel, bit for bit
-    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, VNNI),
-                       torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, FMA512))
+    # (that the int16 path, not an FMA fallback, ran: test_vnni_activations_are_int16_per_group)
+    # float32 x: the FMA kernel, bit for bit (code 2: its float32 kernel is the FMA one)
+    if FMA_OF[code] != code:
+        assert torch.equal(torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, code),
+                           torch.ops.sqplus.w4a16_gemm(x.float(), qw, sp, zp, g, b, FMA_OF[code]))
 
 
 @needs_ext
 @needs_vnni
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,g", [(1, 320, 1024, 128), (3, 130, 100, -1), (5, 256, 5000, -1),
+                                     (16, 192, 512, 64)])
+def test_avx2_int16_kernel_is_the_vnni_kernel_bit_for_bit(m, n, k, g, dtype):
+    # same int16 activations (quantize_row_avx2 = quantize_row_vnni), exact int32 sums and the
+    # same float epilogue: kernels 2 and 4 give the same bits on 16-bit x
+    x, q, s, z, b, _ = _problem(m, n, k, g, True, dtype, True, seed=17)
+    qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
+    assert torch.equal(torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, AVX2),
+                       torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, b, VNNI))
+
+
+@needs_ext
+@pytest.mark.parametrize("code", INT16_CODES)
 @pytest.mark.parametrize("m,k,g", [(1, 512, -1), (2, 4096, -1), (1, 256, 128), (4, 4096, -1),
                                    (1, 4376, -1), (2, 8192, -1)])
-def test_vnni_int32_sums_do_not_overflow(m, k, g):
+def test_vnni_int32_sums_do_not_overflow(m, k, g, code):
     # the worst case of the documented bounds: every code 15, zero point 0, every x at +max, so
     # each int32 lane sums len * 15 * qmax (per-channel K = 4096: 2.01e9 of 2^31; K = 4376, where
     # qmax is lowered to 32716: 2,147,478,240, 5 407 below 2^31 - 1) and, on the masked path
@@ -280,13 +305,13 @@ def test_vnni_int32_sums_do_not_overflow(m, k, g):
     z = torch.zeros(n, k // gk, dtype=torch.uint8)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, g)
     x = torch.full((m, k), 3.0, dtype=torch.bfloat16)
-    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, None, VNNI)
+    y = torch.ops.sqplus.w4a16_gemm(x, qw, sp, zp, g, None, code)
     torch.testing.assert_close(y.float(), torch.full((m, n), 3.0 * 15 * 0.01 * k), rtol=2**-8, atol=0)
 
 
 @needs_ext
-@needs_vnni
-def test_vnni_non_finite_and_tiny_groups():
+@pytest.mark.parametrize("code", INT16_CODES)
+def test_vnni_non_finite_and_tiny_groups(code):
     # a NaN or an infinity makes its group's outputs NaN (as the FMA kernel's would be: NaN or
     # inf), other groups' rows stay exact; a group of tiny values (amax 1e-36 < 32767 / FLT_MAX)
     # keeps finite codes (factor clamped), and the twin agrees on all of it
@@ -298,7 +323,7 @@ def test_vnni_non_finite_and_tiny_groups():
     x[1, 200] = float("inf")
     x[3, :128] = 1e-36
     xb = x.bfloat16()
-    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, VNNI).float()
+    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, code).float()
     assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all() and torch.isfinite(y[2:]).all()
     xq, xs = quantize_act_int16(xb, 128)
     assert torch.isnan(xs[0, 0]) and not torch.isnan(xs[0, 1]) and torch.isnan(xs[1, 1])
@@ -308,8 +333,8 @@ def test_vnni_non_finite_and_tiny_groups():
 
 
 @needs_ext
-@needs_vnni
-def test_vnni_activations_are_int16_per_group():
+@pytest.mark.parametrize("code", INT16_CODES)
+def test_vnni_activations_are_int16_per_group(code):
     # the documented semantics, on an input where they show: a group with one outlier (1000) and
     # elements 2^-17 of it (they quantize to 0) whose weights carry the whole output (the outlier's
     # weight is 0). The kernel gives the twin's result (0 from that group), not the exact one.
@@ -323,7 +348,7 @@ def test_vnni_activations_are_int16_per_group():
     z = torch.full((n, 2), 8, dtype=torch.uint8)
     qw, sp, zp = torch.ops.sqplus.w4a16_pack(q, s, z, 128)
     xb = x.bfloat16()
-    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, VNNI).float()
+    y = torch.ops.sqplus.w4a16_gemm(xb, qw, sp, zp, 128, None, code).float()
     exact = xb.float() @ dequantize_int4(q, s, z, 128, torch.float32).T
     twin = _vnni_reference(xb, q, s, z, 128, None).float()
     torch.testing.assert_close(y, twin, rtol=2**-8, atol=0)

@@ -3,7 +3,8 @@
 // glue: checks whose messages print the shapes, the packing routine, activation pre-processing, the
 // split of N across threads (one 64-column tile per task), the fused bias + dtype-cast epilogue, the
 // scalar fallback and the ISA table. Which ISA runs is the caller's argument (`kernel`: 0 = best this
-// CPU has, 1 scalar, 2 AVX2+FMA, 3 AVX-512 FMA, 4 AVX-512 VNNI: int16 dot products for 16-bit
+// CPU has, 1 scalar, 2 AVX2: int16 dot products (vpmaddwd) for 16-bit activations, the FMA kernel
+// for float32 ones, 3 AVX-512 FMA, 4 AVX-512 VNNI: int16 dot products (vpdpwssd) for 16-bit
 // activations, the FMA kernel for float32 ones, 5 AMX: AMX-BF16 tiles for bfloat16 activations of at
 // least kAmxMinRows rows, code 4 for the others), decided once in Python by the CPU backend
 // (vllm_sqplus/kernels/backends.py, which also reads the forcing env var, once); w4a16_cpu_isa() tells it
@@ -94,9 +95,9 @@ const CpuIsa& cpu_isa() {
 }
 
 // kernel code (see the file header), activation dtype, rows and group length -> tile function; 0 =
-// the best this CPU has. Code 4 runs the VNNI kernel on 16-bit activations and the FMA kernel on
-// float32 ones (int16 keeps every bfloat16 / float16 value near its group's maximum, not a
-// float32 one's 24 bits). Code 5 runs the AMX kernel on bfloat16 activations of at least
+// the best this CPU has. Codes 4 and 2 run their int16 kernel (VNNI, AVX2) on 16-bit activations
+// and their FMA kernel on float32 ones (int16 keeps every bfloat16 / float16 value near its
+// group's maximum, not a float32 one's 24 bits). Code 5 runs the AMX kernel on bfloat16 activations of at least
 // kAmxMinRows rows whose groups are whole tile depths (32 k's), and code 4 on the rest (a float16
 // or float32 value does not always fit bfloat16; fewer rows leave the tiles empty).
 TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
@@ -107,7 +108,7 @@ TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
       return tile_scalar;
     case 2:
       TORCH_CHECK(cpu_isa().avx2, "w4a16_gemm: kernel 2 (avx2) asked, but this CPU has no AVX2+FMA");
-      return tile_avx2;
+      return x16 ? tile_avx2_int16 : tile_avx2;
     case 3:
       TORCH_CHECK(cpu_isa().avx512,
                   "w4a16_gemm: kernel 3 (avx512) asked, but this CPU has no AVX-512 (f, bw, vl)");
@@ -143,18 +144,20 @@ int64_t check_group(int64_t k, int64_t group_size, const char* what) {
   return g;
 }
 
-// Activations of the VNNI kernel (w4a16_vnni.cpp, quantize_row_vnni): per row m and group gi of
+// Activations of the int16 kernels (w4a16_vnni.cpp / w4a16_avx2_int16.cpp: quantize_row_vnni, with
+// AVX-512, or quantize_row_avx2, bit for bit the same): per row m and group gi of
 // `len` k's, xscale = max|x| / qmax, xq[k] = round(x[k] / xscale), xsum = xscale * sum(xq), with
 // qmax = 32767, lowered for long groups so that len * 15 * qmax < 2^31 (a group's int32 sum of
 // q * xq cannot overflow); K is padded to K8 with zeros. An all-zero group has xscale 0.
 void quantize_rows_int16(const at::Tensor& x2, int64_t M, int64_t K, int64_t K8, int64_t G, int64_t len,
-                         int16_t* xq, float* xscale, float* xsum) {
+                         bool avx512, int16_t* xq, float* xscale, float* xsum) {
   const float qmax = static_cast<float>(std::min<int64_t>(32767, ((int64_t{1} << 31) - 1) / (15 * len)));
   const bool bf16 = x2.scalar_type() == at::kBFloat16;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      quantize_row_vnni(xp + m * K, bf16, K, G, len, qmax, xq + m * K8, xscale + m * G, xsum + m * G);
+      (avx512 ? quantize_row_vnni : quantize_row_avx2)(xp + m * K, bf16, K, G, len, qmax, xq + m * K8,
+                                                       xscale + m * G, xsum + m * G);
   });
 }
 
@@ -252,18 +255,19 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   // kernel int16 activations, their scales and sums (quantize_rows_int16).
   const int64_t len = G == 1 ? K8 : g;
   const TileFn kernel = tile_fn(kernel_code, xt, M, len);
-  const bool fma_input = kernel != tile_amx && kernel != tile_vnni;
+  const bool int16_input = kernel == tile_vnni || kernel == tile_avx2_int16;
+  const bool fma_input = kernel != tile_amx && !int16_input;
   std::vector<float> xs(fma_input ? M * K8 : 0, 0.0f), xsum(M * G, 0.0f);
-  std::vector<int16_t> xq(kernel == tile_vnni ? M * K8 : 0, 0);
-  std::vector<float> xscale(kernel == tile_vnni ? M * G : 0, 0.0f);
+  std::vector<int16_t> xq(int16_input ? M * K8 : 0, 0);
+  std::vector<float> xscale(int16_input ? M * G : 0, 0.0f);
   // why the chunks of 8 with a constant j: the factor lookup and the 8 partial sums vectorize; a
   // per-element factor (with a division) and one running sum cost ~15 cycles an element, which
   // was a visible share of a K = 4864, M = 4 call
   static constexpr int kNibbleOf[kChunkK] = {0, 4, 1, 5, 2, 6, 3, 7};  // kOrder's inverse
   static constexpr float kFac[kChunkK] = {1.f,         1.f / 16,       1.f / 256,       1.f / 4096,
                                           1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
-  if (kernel == tile_vnni) {
-    quantize_rows_int16(x2, M, K, K8, G, len, xq.data(), xscale.data(), xsum.data());
+  if (int16_input) {
+    quantize_rows_int16(x2, M, K, K8, G, len, kernel == tile_vnni, xq.data(), xscale.data(), xsum.data());
   } else AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_x", [&] {
     const scalar_t* xp = x2.data_ptr<scalar_t>();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {

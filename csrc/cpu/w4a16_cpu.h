@@ -57,13 +57,13 @@ struct TileProblem {
   const uint16_t* xb;   // [M][K8] the bfloat16 activations as given (K zero-padded to 8), for
                         // tile_amx only (nullptr for the other kernels)
   const int16_t* xq;    // [M][K8] activations quantized to int16 per row and group, natural k
-                        // order, for tile_vnni only (w4a16_vnni.cpp); nullptr otherwise
-  const float* xscale;  // [M][G] their scales (x ~ xscale * xq), tile_vnni only
+                        // order, for tile_vnni and tile_avx2_int16 only; nullptr otherwise
+  const float* xscale;  // [M][G] their scales (x ~ xscale * xq), those two kernels only
   int64_t M, K8, group, G;  // group = k's per group (a multiple of 8, or K8 when G == 1)
   float* acc;           // [M][64] output accumulators, zeroed by the caller
 };
 
-// For tile_vnni (16-bit activations only) xsum holds xscale * sum(xq) instead: the sum of the
+// For tile_vnni and tile_avx2_int16 (16-bit activations only) xsum holds xscale * sum(xq) instead: the sum of the
 // quantized activations the kernel multiplies (w4a16_vnni.cpp).
 //
 // Activations are pre-scaled once per call (w4a16_cpu.cpp, kFac): nibble j comes out of the AND
@@ -74,10 +74,14 @@ void tile_scalar(const TileProblem& p);
 void tile_avx2(const TileProblem& p);    // compiled with target("avx2,fma")
 void tile_avx512(const TileProblem& p);  // compiled with target("avx512f,...")
 void tile_vnni(const TileProblem& p);    // target("avx512vnni,..."): int16-quantized x (p.xq)
+void tile_avx2_int16(const TileProblem& p);  // target("avx2,..."): the same int16 x, vpmaddwd
 // one row of the VNNI kernel's activations (K bfloat16 or float16 values as bits): per group of
 // `len` k's xscale = max|x| / qmax, xq = round_half_even(x * (qmax / max|x|)), xsum = xscale *
 // sum(xq); xq is written for k < K only (the caller zero-fills the padding to K8)
 void quantize_row_vnni(const uint16_t* x, bool bf16, int64_t K, int64_t G, int64_t len, float qmax,
+                       int16_t* xq, float* xscale, float* xsum);
+// the same with AVX2 (w4a16_avx2_int16.cpp), bit for bit
+void quantize_row_avx2(const uint16_t* x, bool bf16, int64_t K, int64_t G, int64_t len, float qmax,
                        int16_t* xq, float* xscale, float* xsum);
 void tile_amx(const TileProblem& p);     // target("amx-tile,amx-bf16,..."): bfloat16 x only (p.xb)
 // the AMX kernel from this many rows on, the VNNI kernel below (bfloat16 activations). Measured on

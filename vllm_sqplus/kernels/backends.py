@@ -42,6 +42,8 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_CPU_ISA = "SQPLUS_CPU_ISA"
 ENV_CUDA_DEQUANT_M = "SQPLUS_CUDA_DEQUANT_M"
 # the `kernel` argument of sqplus::w4a16_gemm on the CPU (csrc/ops.cpp); 0 would be "best"
+# avx2: int16 activations (per row and group, as avx512vnni) times the codes with vpmaddwd for
+# bfloat16/float16 x, FMA for float32 x (csrc/cpu/w4a16_avx2_int16.cpp, w4a16_avx2.cpp);
 # avx512: FMA on float32 activations; avx512vnni: int16 activations (per row and group) times the
 # codes with vpdpwssd for bfloat16/float16 x, FMA for float32 x (csrc/cpu/w4a16_vnni.cpp); amx:
 # AMX-BF16 tiles for bfloat16 activations of 5+ rows (kAmxMinRows) whose groups are whole 32-k

@@ -37,7 +37,8 @@ def unpack_cpu(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def quantize_act_int16(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VNNI kernel's activations (csrc/cpu/w4a16_cpu.cpp, quantize_rows_int16), bit for bit.
+    """The int16 kernels' activations (VNNI and AVX2: csrc/cpu/w4a16_cpu.cpp, quantize_rows_int16),
+    bit for bit.
 
     x [M, K] (bfloat16/float16) and the kernel's group length (`group`, or K rounded up to 8 for
     per-channel) -> (xq int16 [M, K], xscale float32 [M, G]) with xq = round_half_even(x * (qmax /
