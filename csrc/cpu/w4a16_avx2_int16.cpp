@@ -53,7 +53,13 @@ __attribute__((always_inline)) inline void pair_avx2(__m256i (&acc)[MR][NV], con
   for (int v = 0; v < NV; ++v) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 8));
     const __m256i t = _mm256_and_si256(PR ? _mm256_srli_epi32(w, 4 * PR) : w, m0f);
-    for (int r = 0; r < MR; ++r) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(t, xb[r]));
+    for (int r = 0; r < MR; ++r) {
+      acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(t, xb[r]));
+      // why: integer adds reassociate, and GCC did: it summed the four pairs' products of a chunk
+      // first and kept the 8 accumulators of 3-4 rows on the stack (a load and a store each per
+      // chunk). An empty asm that "changes" the accumulator pins each add here, in a register.
+      __asm__("" : "+x"(acc[r][v]));
+    }
   }
 }
 
