@@ -54,7 +54,9 @@ SQ = {"quantization": "smoothquant_plus"}
 # name -> {"llm": LLM kwargs, "env": engine environment, "qconfig": quantization_config overrides}
 INPROC = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 VARIANTS = {
-    "int4": {"llm": {**SQ, "dtype": "float32"}},          # FP32 activations (the faster one at B>1)
+    # FP32 activations: the faster one at B>1 before the int16 kernels (AVX-512 VNNI, and AVX2
+    # since session 16: on the Zen 3 record BF16 is faster at batch 16, decode_breakdown)
+    "int4": {"llm": {**SQ, "dtype": "float32"}},
     "int4_bf16": {"llm": {**SQ, "dtype": "bfloat16"}},    # BF16 activations, BF16 lm_head
     "fp32": {"llm": {"dtype": "float32"}},                # dense references (vLLM's own CPU linears)
     "bf16": {"llm": {"dtype": "bfloat16"}},
