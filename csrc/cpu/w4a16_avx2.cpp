@@ -25,15 +25,7 @@ inline void group_avx2(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   __m256 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-  if (v0 == 0) {
-    // the next group's scales and offsets: rows of [G, N], a stride the hardware prefetcher does
-    // not follow (without this a cold tile waits for two misses in every group's epilogue)
-    const int64_t gn = gi + 1 < p.G ? gi + 1 : gi;
-    for (int l = 0; l < 4; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(p.s + gn * p.s_stride + l * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.zs + gn * p.s_stride + l * 16), _MM_HINT_T0);
-    }
-  }
+  if (v0 == 0) prefetch_next_group_scales(p, gi);  // once, on the group's first pass
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN + v0 * 8;
   const float* x = p.xs + m0 * p.K8 + k0;
   for (int64_t c = 0; c < len / kChunkK; ++c, q += kTileN, x += kChunkK) {

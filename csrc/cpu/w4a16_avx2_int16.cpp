@@ -70,15 +70,7 @@ inline void group_avx2_int16(const TileProblem& p, int64_t gi, int64_t k0, int64
   __m256i acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
-  if (v0 == 0) {
-    // the next group's scales and offsets: rows of [G, N], a stride the hardware prefetcher does
-    // not follow, so without this each group of a cold tile waits for two misses in its epilogue
-    const int64_t gn = gi + 1 < p.G ? gi + 1 : gi;
-    for (int l = 0; l < 4; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(p.s + gn * p.s_stride + l * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.zs + gn * p.s_stride + l * 16), _MM_HINT_T0);
-    }
-  }
+  if (v0 == 0) prefetch_next_group_scales(p, gi);  // once, on the group's first pass
   const __m256i m0f = _mm256_set1_epi32(0x000F000F);
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN + v0 * 8;
   const int16_t* x = p.xq + m0 * p.K8 + k0;

@@ -97,8 +97,8 @@ const CpuIsa& cpu_isa() {
 // kernel code (see the file header), activation dtype, rows and group length -> tile function; 0 =
 // the best this CPU has. Codes 4 and 2 run their int16 kernel (VNNI, AVX2) on 16-bit activations
 // and their FMA kernel on float32 ones (int16 keeps every bfloat16 / float16 value near its
-// group's maximum, not a float32 one's 24 bits). Code 5 runs the AMX kernel on bfloat16 activations of at least
-// kAmxMinRows rows whose groups are whole tile depths (32 k's), and code 4 on the rest (a float16
+// group's maximum, not a float32 one's 24 bits). Code 5 runs the AMX kernel on bfloat16
+// activations of at least kAmxMinRows rows whose groups are whole tile depths (32 k's), and code 4 on the rest (a float16
 // or float32 value does not always fit bfloat16; fewer rows leave the tiles empty).
 TileFn tile_fn(int64_t kernel, at::ScalarType xt, int64_t M, int64_t len) {
   const bool x16 = xt == at::kBFloat16 || xt == at::kHalf;

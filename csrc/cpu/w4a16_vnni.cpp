@@ -115,14 +115,7 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   for (int a = 0; a < S; ++a)
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[a][r][v] = _mm512_setzero_si512();
-  {
-    // next group's scales and offsets (rows of [G, N]: a stride the hardware prefetcher misses)
-    const int64_t gn = gi + 1 < p.G ? gi + 1 : gi;
-    for (int l = 0; l < 4; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(p.s + gn * p.s_stride + l * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.zs + gn * p.s_stride + l * 16), _MM_HINT_T0);
-    }
-  }
+  prefetch_next_group_scales(p, gi);
   const __m512i m0f = _mm512_set1_epi32(0x000F000F), m1f = _mm512_set1_epi32(0x00F000F0);
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN;
   const int16_t* x = p.xq + m0 * p.K8 + k0;
