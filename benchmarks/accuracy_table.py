@@ -127,8 +127,8 @@ def render(records: list[dict], humaneval: dict) -> str:
             r = v.get(name)
             he = humaneval.get((model, name))
             he_s = f"{he['passed']}/{he['n']} ({100 * he['passed'] / he['n']:.1f}%)" if he and he.get("n") else "not run"
-            if r is None:
-                lines.append(f"| {name} | missing (not evaluated yet) | | | | | | {he_s} | | |")
+            if r is None:  # (a HumanEval run of that name belongs to the checkpoint of another table)
+                lines.append(f"| {name} | missing (not evaluated yet) | | | | | | | | |")
                 continue
             cs = _share(r["code_ppl"], fp["code_ppl"], rtn["code_ppl"]) if fp and rtn else ""
             es = _share(r["english_ppl"], fp["english_ppl"], rtn["english_ppl"]) if fp and rtn else ""

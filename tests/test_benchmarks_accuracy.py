@@ -230,3 +230,13 @@ def test_peer_calibration_dump_of_the_gptq_stage_set(fp_dir, tmp_path, monkeypat
                                       "--n-samples", "40", "--out", str(out)])
     dump.main()
     assert torch.equal(load_file(out)["stat_ids"], stream[:40])
+
+
+def test_missing_row_shows_no_humaneval_of_another_table(tmp_path):
+    """A role missing from one table (e.g. the 16-window 1.5B table) must not show the HumanEval
+    count of the checkpoint that bears the name in another table of the same model."""
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(_fake_record()))
+    he = {("m", "SQ+ paper"): {"passed": 100, "n": 164, "source": "x"}}
+    md = table.render(table.load_results(tmp_path), humaneval=he)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| SQ+ paper"))
+    assert "missing" in line and "100/164" not in line

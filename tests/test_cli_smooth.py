@@ -140,7 +140,7 @@ def _fails(capsys, argv, pattern):
 
 def test_sample_counts_below_one_are_one_error_before_any_work(tmp_path, capsys, calib_file):
     src = save_tiny(tmp_path / "src", "llama")
-    for opt in ("--gptq-samples", "--samples"):
+    for opt in ("--gptq-samples", "--samples", "--rounding-iters"):
         _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file), opt, "0"],
                "--gptq-samples must be >= 1")
     assert not (tmp_path / "o").exists()
@@ -269,6 +269,37 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
         assert all(fixed)
     else:  # smoothing + clipping only: stored weights are not on the INT4 grid
         assert not all(fixed)
+
+
+def test_learned_rounding_stage_is_scored_recorded_and_stored_in_rtn_reproducible_form(tmp_path, calib_file):
+    """--rounding learned: the last stage is vllm_sqplus.rounding's, a row "<base>+learned" judged
+    as the GPTQ stage is; the config says which stage was kept, and a kept stage's stored linears
+    are fixed points of the plugin's RTN at load."""
+    from safetensors.torch import load_file
+    from vllm_sqplus.quant import dequantize_int4, quantize_int4
+    src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16, kv_heads=2)
+    out = tmp_path / "out"
+    assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST,
+                 "--rounding", "learned", "--rounding-iters", "20"]) == 0
+    table = json.loads((out / "sqplus_search.json").read_text())
+    stage = [r for r in table["rows"] if r.get("stage")]
+    assert len(stage) == 1 and stage[0]["name"].endswith("+learned") and stage[0]["rtn_at_load_mismatches"] == 0
+    assert not any(r.get("gptq") for r in table["rows"]) and "learned" in table["seconds"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    kept = table["chosen"] == stage[0]["name"]
+    assert qc["learned_rounding"] is kept and qc["gptq"] is False
+    sd = load_file(out / "model.safetensors")
+    fixed = [torch.equal(dequantize_int4(*quantize_int4(sd[k], 64), 64, dtype=sd[k].dtype), sd[k])
+             for k in sd if k.endswith("proj.weight")]
+    assert all(fixed) if kept else not all(fixed)
+
+
+@pytest.mark.parametrize("extra", [["--no-clip"], ["--alpha", "0.5"], ["--no-gptq"], ["--no-zero-point"]])
+def test_learned_rounding_with_its_stage_turned_off_is_one_error_before_any_work(tmp_path, capsys, calib_file, extra):
+    src = save_tiny(tmp_path / "src", "llama")
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
+                    "--rounding", "learned", *extra], "--rounding learned is the search's last stage")
+    assert not (tmp_path / "o").exists()
 
 
 def test_lm_head_option_is_written_and_read_back(tmp_path, calib_file):

@@ -32,6 +32,10 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    (on 4 x 512 tokens of Qwen2.5-Coder-0.5B, about +-0.03 nats at 2 errors).
 5. GPTQ stage (SearchOptions.gptq): run on the chosen setting, it replaces it when its held-out KL
    is lower and its NLL is within one standard error of the chosen setting's (`keep_gptq_stage`).
+   SearchOptions.rounding picks what the stage does: GPTQ (default), learned rounding
+   (vllm_sqplus.rounding: SignRound-style, each layer fitted to the full-precision layer's output),
+   or GPTQ then learned rounding from its result; all three are stored in the RTN-reproducible form
+   and judged by the same rule.
    So the written checkpoint always has a held-out KL no higher than plain RTN's, and a held-out
    NLL no worse than RTN's or, where the stage is chosen, above its already-guarded base's by at
    most one error of the held-out tokens.
@@ -51,6 +55,7 @@ from vllm_sqplus.arch import PAIR_SETS, ArchSpec, SmoothPair, get_module
 from vllm_sqplus.calibrate import LayerwiseModel, collect_act_stats
 from vllm_sqplus.clip import DEFAULT_RATIOS, apply_clip, scale_gram, search_clip
 from vllm_sqplus.quant import pseudo_quantize_int4
+from vllm_sqplus.rounding import RoundingOptions
 from vllm_sqplus.smooth import apply_smooth, compute_smooth_scales
 
 
@@ -124,6 +129,9 @@ class SearchOptions:
     gptq_act_order: bool = True         # that stage with activation order (static groups)
     gptq_true_sequential: bool = True   # that stage in true-sequential order (one forward per layer)
     gptq_range_ratios: tuple[float, ...] | None = None  # that stage's group-range search (act-order only)
+    rounding: str = "gptq"              # what that stage does: "gptq", "learned" (vllm_sqplus.rounding) or both
+                                        # ("gptq+learned": learned rounding started from GPTQ's result)
+    rounding_opts: RoundingOptions = field(default_factory=RoundingOptions)  # the learned stage's settings
     gptq_spill: bool = False            # that stage's codes kept in files (checkpoint.LayerSpill), not memory
     spill_dir: str | None = None        # where those files go (None: the system's temporary folder)
     prune: bool = True                  # skip the smoothed phases when no grid alpha beats RTN's NLL (_prune)
@@ -578,6 +586,28 @@ def _pass_plans(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, heldout
     return streams
 
 
+def _stage_store(opts: SearchOptions):
+    """Where the last stage keeps its per-layer codes: a list, or a checkpoint.LayerSpill (opts.gptq_spill)."""
+    if opts.gptq_spill:
+        from vllm_sqplus.checkpoint import LayerSpill
+        return LayerSpill(opts.spill_dir)
+    return []
+
+
+def _keep_layer(out, work: nn.Module, qs: dict, q: QuantSpec) -> int:
+    """Append one layer's stage result {linear: (codes, scales, zeros)} to `out` (codes packed) and
+    return how many of its values plain RTN at load of what the checkpoint will hold (work's weights
+    in the stored dtype) would not give back."""
+    from vllm_sqplus.export import pack_nibbles
+    from vllm_sqplus.quant import quantize_int4
+    bad = 0
+    for name, (qq, sc, zz) in qs.items():
+        q2, s2, z2 = quantize_int4(get_module(work, name).weight.to(q.store_dtype), q.group_size, q.zero_point)
+        bad += int((q2 != qq).sum() + (s2 != sc).sum() + (z2 != zz).sum())
+    out.append({name: (pack_nibbles(qq), sc, zz) for name, (qq, sc, zz) in qs.items()})
+    return bad
+
+
 @torch.no_grad()
 def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, plans: list[LayerPlan],
                stat_ids: torch.Tensor, heldout: torch.Tensor, opts: SearchOptions) -> tuple[list, torch.Tensor, int]:
@@ -585,17 +615,11 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
     the quantized stream of `stat_ids` (search's gptq_ids). Returns (per layer {linear: (packed codes, scales,
     zeros)}: a list, or a checkpoint.LayerSpill with opts.gptq_spill; the held-out stream of the
     result; values that RTN at load would not give back)."""
-    from vllm_sqplus.export import pack_nibbles
     from vllm_sqplus.gptq import gptq_layer
-    from vllm_sqplus.quant import quantize_int4
     config = runner.model.config
     hs = runner.embed(stat_ids)
     hs_held = runner.embed(heldout)
-    if opts.gptq_spill:
-        from vllm_sqplus.checkpoint import LayerSpill
-        out = LayerSpill(opts.spill_dir)
-    else:
-        out = []
+    out = _stage_store(opts)
     mismatches = 0
     for i in _layers(runner, opts.progress, "gptq"):
         layer = runner.layer_on_device(i)
@@ -605,14 +629,47 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         qs, hs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
                             act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
                             range_ratios=opts.gptq_range_ratios)
-        for name, (qq, sc, zz) in qs.items():  # what the checkpoint will hold, quantized by the plugin
-            w = get_module(work, name).weight.to(q.store_dtype)
-            q2, s2, z2 = quantize_int4(w, q.group_size, q.zero_point)
-            mismatches += int((q2 != qq).sum() + (s2 != sc).sum() + (z2 != zz).sum())
-        out.append({name: (pack_nibbles(qq), sc, zz) for name, (qq, sc, zz) in qs.items()})
+        mismatches += _keep_layer(out, work, qs, q)
         hs_held = runner.run_layer(work, hs_held)
         del layer, work
     return out, hs_held, mismatches
+
+
+@torch.no_grad()
+def _pass_learned(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, plans: list[LayerPlan],
+                  stat_ids: torch.Tensor, heldout: torch.Tensor, opts: SearchOptions) -> tuple[list, torch.Tensor, int, list]:
+    """Learned rounding (vllm_sqplus.rounding, RTN-reproducible form) on the smoothed + clipped layers
+    of `plans`, fitted to the full-precision layers' outputs on `stat_ids` (search's gptq_ids).
+    With opts.rounding "gptq+learned" each layer is first quantized by GPTQ (as _pass_gptq does,
+    on the same quantized stream) and the learned rounding starts from GPTQ's result: its weights
+    are then the GPTQ grid values, so offsets 0 and range factors 1 are GPTQ's codes, scales and
+    zeros exactly, and the fit moves codes by at most one step from there.
+    Returns what _pass_gptq does, and a log per layer (validation error of the start and of the result)."""
+    from vllm_sqplus.gptq import gptq_layer
+    from vllm_sqplus.rounding import learned_rounding_layer
+    config = runner.model.config
+    hs_fp = runner.embed(stat_ids)
+    hs = hs_fp.clone()
+    hs_held = runner.embed(heldout)
+    out = _stage_store(opts)
+    mismatches, log = 0, []
+    for i in _layers(runner, opts.progress, "learned rounding"):
+        layer = runner.layer_on_device(i)
+        work = copy.deepcopy(layer)
+        prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
+                      layer_name=f"layers.{i}", quantize=False)
+        if opts.rounding == "gptq+learned":
+            gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
+                       act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
+                       range_ratios=opts.gptq_range_ratios)
+        with torch.enable_grad():
+            qs, hs, hs_fp, lg = learned_rounding_layer(work, layer, arch, runner, hs, hs_fp, q.group_size,
+                                                       q.store_dtype, opts.rounding_opts)
+        log.append(lg)
+        mismatches += _keep_layer(out, work, qs, q)
+        hs_held = runner.run_layer(work, hs_held)
+        del layer, work
+    return out, hs_held, mismatches, log
 
 
 def _coarse_grid() -> list[float]:
@@ -749,12 +806,19 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
     gptq = None
     if opts.gptq and q.zero_point:
         t = time.perf_counter()
-        gptq, hs, mism = _pass_gptq(runner, arch=arch, q=q, act_stats=act_stats, plans=finals[best],
-                                    stat_ids=gptq_ids, heldout=heldout, opts=opts)
-        name = best + "+gptq"
+        extra = {}
+        if opts.rounding in ("learned", "gptq+learned"):
+            gptq, hs, mism, extra["layer_log"] = _pass_learned(runner, arch=arch, q=q, act_stats=act_stats,
+                                                               plans=finals[best], stat_ids=gptq_ids,
+                                                               heldout=heldout, opts=opts)
+        else:
+            gptq, hs, mism = _pass_gptq(runner, arch=arch, q=q, act_stats=act_stats, plans=finals[best],
+                                        stat_ids=gptq_ids, heldout=heldout, opts=opts)
+        name = f"{best}+{opts.rounding}"
         score = scorer(hs)
         row = _row(name, score, rtn_score, kind=rows[best]["kind"], clip=rows[best].get("clip"),
-                   gptq=True, rtn_at_load_mismatches=mism, base=best)
+                   gptq=opts.rounding == "gptq", stage=opts.rounding, rtn_at_load_mismatches=mism, base=best,
+                   **extra)
         row["nll_minus_base"], row["nll_minus_base_se"] = nll_difference(score.tok, toks[best])
         table.append(row)
         finals[name] = finals[best]
@@ -763,8 +827,8 @@ def search(model: nn.Module, arch: ArchSpec, stat_ids: torch.Tensor, heldout: to
             best = name
         else:
             gptq = None  # (a LayerSpill's folder goes with it)
-        secs["gptq"] = time.perf_counter() - t
-        peaks.mark("gptq")
+        secs[opts.rounding] = time.perf_counter() - t
+        peaks.mark(opts.rounding)
     secs["total"] = time.perf_counter() - t0
     return SearchResult(best=best, plans=finals[best], finals=finals, table=table, act_stats=act_stats,
                         paper=paper, layer_log=layer_log, fp_row=_row("full precision", Score(0.0, scorer.fp_nll)),

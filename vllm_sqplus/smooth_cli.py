@@ -23,6 +23,9 @@ from vllm_sqplus import __version__
 from vllm_sqplus.arch import PAIR_SETS
 from vllm_sqplus.calib import DEFAULT_CALIB, DEFAULT_GPTQ_SAMPLES, DEFAULT_HELDOUT, DEFAULT_STAT_SAMPLES
 from vllm_sqplus.errors import SqplusError
+from vllm_sqplus.rounding import RoundingOptions
+
+STAGE_SUFFIXES = ("+gptq", "+learned")  # rows of the search's last stage (SearchOptions.rounding)
 
 STATS_DIR = "sqplus_stats"
 
@@ -53,13 +56,20 @@ def add_parser(sub) -> None:
     p.add_argument("--fit-samples", type=int, default=4,
                    help="statistics samples the per-layer refinement fits on (default 4)")
     p.add_argument("--no-gptq", action="store_true",
-                   help="skip the last stage: GPTQ on the smoothed weights, stored so that RTN at load "
+                   help="skip the last stage (GPTQ, or what --rounding names) on the smoothed weights, stored so that RTN at load "
                         "reproduces it exactly (kept only where it beats the rest on the held-out loss; "
                         "off with --no-clip, --alpha X and --no-zero-point)")
     p.add_argument("--gptq-samples", type=int, default=DEFAULT_GPTQ_SAMPLES,
                    help="calibration samples of the GPTQ stage: the statistics samples, then the ones after "
                         "the held-out samples (never those); 64 by default: on Qwen2.5-Coder-0.5B the stage on "
                         "64 samples left 57%% of RTN's perplexity increase on held-out code where 32 left 81-88%%")
+    p.add_argument("--rounding", choices=["gptq", "learned", "gptq+learned"], default="gptq",
+                   help="what the last stage does: gptq (default); learned: SignRound-style learned "
+                        "rounding and group ranges per layer, fitted to the full-precision layer's output "
+                        "(vllm_sqplus/rounding.py; slower: about 70 s per layer of a 0.5B model on one core); "
+                        "gptq+learned: GPTQ, then the learned rounding started from its result")
+    p.add_argument("--rounding-iters", type=int, default=RoundingOptions.iters,
+                   help="learned rounding: signed-gradient steps per layer (default %(default)s)")
     from vllm_sqplus.gptq import add_order_args
     add_order_args(p, prefix="gptq-")  # the GPTQ stage's options
     p.add_argument("--thorough", action="store_true",
@@ -106,10 +116,17 @@ def validate(args):
     from vllm_sqplus.calib import load_calibration_texts
     from vllm_sqplus.checkpoint import check_group_size_for_config, check_output_dir, read_config
     alpha = _parse_alpha(args.alpha)
-    if min(args.samples, args.heldout, args.fit_samples, args.gptq_samples) < 1 or args.seq_len < 8:
-        raise SqplusError("--samples, --heldout, --fit-samples and --gptq-samples must be >= 1 and --seq-len >= 8")
+    if min(args.samples, args.heldout, args.fit_samples, args.gptq_samples, args.rounding_iters) < 1 or args.seq_len < 8:
+        raise SqplusError("--samples, --heldout, --fit-samples, --rounding-iters and --gptq-samples must be >= 1 "
+                          "and --seq-len >= 8")
     if args.alpha_step is not None and not 0 < args.alpha_step <= 0.5:
         raise SqplusError(f"--alpha-step must lie in (0, 0.5], got {args.alpha_step}")
+    if args.rounding != "gptq":
+        off = [o for o, on in (("--no-gptq", args.no_gptq), ("--no-clip", args.no_clip),
+                                ("--alpha X", alpha != "auto"), ("--no-zero-point", args.no_zero_point)) if on]
+        if off:
+            raise SqplusError(f"--rounding {args.rounding} is the search's last stage, which {' and '.join(off)} "
+                              "turn(s) off; drop one or the other")
     if args.gptq_range_search and not args.gptq_act_order:
         raise SqplusError("--gptq-range-search goes with act-order (drop --no-gptq-act-order)")
     # (also covers --lm-head int4: the lm_head's in_features are hidden_size, like q_proj's)
@@ -139,6 +156,7 @@ def search_options(args, alpha, out: Path | None = None):
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
                          gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough,
+                         rounding=args.rounding, rounding_opts=RoundingOptions(iters=args.rounding_iters),
                          gptq_spill=out is not None, spill_dir=str(out.parent) if out is not None else None)
 
 
@@ -181,7 +199,7 @@ def run(args) -> int:
     plans = res.finals[chosen]
     peaks = PhasePeaks(res.peak_rss_gib)
     apply_plans(model, arch, res.act_stats, plans, q)
-    if chosen.endswith("+gptq"):
+    if chosen.endswith(STAGE_SUFFIXES):
         apply_gptq(model, arch, res.gptq, q)
     peaks.mark("apply")
     write(args, out, model, res, chosen, plans, stat_ids, heldout, peaks)
@@ -212,8 +230,8 @@ def apply_gptq(model, arch, per_layer: list, q) -> None:
             del old
             q2, s2, z2 = quantize_int4(w.detach(), q.group_size, q.zero_point, f"layers.{i}.{name}")
             if not (torch.equal(q2, codes) and torch.equal(s2, s) and torch.equal(z2, z)):
-                raise SqplusError(f"layers.{i}.{name}: the stored GPTQ weights do not quantize back "
-                                  "to GPTQ's result (use --no-gptq and report this)")
+                raise SqplusError(f"layers.{i}.{name}: the stored weights of the last stage do not quantize "
+                                  "back to its result (use --no-gptq and report this)")
     if hasattr(per_layer, "close"):  # a checkpoint.LayerSpill: its folder goes now
         per_layer.close()
 
@@ -232,17 +250,19 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
         "alpha": None if per_layer_kind else best.get("alpha"),
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
-        "gptq": chosen.endswith("+gptq"),
+        "gptq": chosen.endswith(("+gptq", "+gptq+learned")),
+        "learned_rounding": chosen.endswith("+learned"),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
             "gptq_range_search": bool(args.gptq_range_search)}
-           if chosen.endswith("+gptq") else {}),
+           if chosen.endswith(("+gptq", "+gptq+learned")) else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
                            for p in arch.active_pairs(model.config, PAIR_SETS[args.pairs])],
         "calibration": {"data": args.calib, "samples": int(stat_ids.shape[0]),
                         "heldout_samples": int(heldout.shape[0]), "seq_len": args.seq_len,
-                        **({"gptq_samples": res.n_gptq_tokens // args.seq_len} if chosen.endswith("+gptq") else {})},
+                        **({"gptq_samples": res.n_gptq_tokens // args.seq_len} if chosen.endswith(STAGE_SUFFIXES)
+                           else {})},
         "search": {"loss": "mean KL(full precision || smoothed + fake INT4) on held-out tokens",
                    "kl": best["kl"], "rtn_kl": rtn["kl"], "seconds": round(res.seconds["total"], 1),
                    "table": "sqplus_search.json"},
@@ -291,12 +311,13 @@ def plot_search(table: dict, path: Path) -> None:
     except ImportError:
         return
     rows = sorted((r for r in table["rows"] if r.get("kind") == "whole-model" and not r.get("clip")
-                   and not r.get("gptq") and r.get("alpha") is not None), key=lambda r: r["alpha"])
+                   and not r.get("stage") and not r.get("gptq") and r.get("alpha") is not None),
+                  key=lambda r: r["alpha"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["alpha"] for r in rows], [r["kl"] for r in rows], "o-", label="whole-model alpha + INT4")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
     for r in table["rows"]:
-        if r["name"] == "rtn" or r.get("clip") or r.get("gptq") or r.get("kind") == "per-layer":
+        if r["name"] == "rtn" or r.get("clip") or r.get("stage") or r.get("gptq") or r.get("kind") == "per-layer":
             ax.axhline(r["kl"], ls=next(styles, "--"), color="gray" if r["name"] == "rtn" else None,
                        label=r["name"] if r["name"] != "rtn" else "no smoothing (RTN)")
     ax.set_xlabel("alpha")
