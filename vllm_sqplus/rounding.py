@@ -148,8 +148,7 @@ def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runn
 
     def val_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_on(val[j:j + runner.batch_size])) * len(val[j:j + runner.batch_size])
-                       for j in range(0, len(val), runner.batch_size)) / len(val)
+            return sum(float(loss_on(c)) * len(c) for c in val.split(runner.batch_size)) / len(val)
 
     def snap() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]

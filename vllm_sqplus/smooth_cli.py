@@ -26,6 +26,7 @@ from vllm_sqplus.errors import SqplusError
 from vllm_sqplus.rounding import RoundingOptions
 
 STAGE_SUFFIXES = ("+gptq", "+learned")  # rows of the search's last stage (SearchOptions.rounding)
+GPTQ_SUFFIXES = ("+gptq", "+gptq+learned")  # those of its rows that ran GPTQ
 
 STATS_DIR = "sqplus_stats"
 
@@ -250,11 +251,11 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
         "alpha": None if per_layer_kind else best.get("alpha"),
         "act_stat": args.act_stat, "alpha_granularity": "layer" if per_layer_kind else "model",
         "clipped": any(p.clip is not None for p in plans),
-        "gptq": chosen.endswith(("+gptq", "+gptq+learned")),
+        "gptq": chosen.endswith(GPTQ_SUFFIXES),
         "learned_rounding": chosen.endswith("+learned"),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
             "gptq_range_search": bool(args.gptq_range_search)}
-           if chosen.endswith(("+gptq", "+gptq+learned")) else {}),
+           if chosen.endswith(GPTQ_SUFFIXES) else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
         "smoothed_pairs": [f"{p.prev}->{','.join(p.linears)}"
