@@ -9,7 +9,7 @@ from tiny import tiny_model
 from vllm_sqplus.arch import get_arch, get_module
 from vllm_sqplus.calibrate import LayerwiseModel
 from vllm_sqplus.quant import dequantize_int4, pseudo_quantize_int4, quantize_int4
-from vllm_sqplus.rounding import RoundingOptions, _LearnedQuant, learned_rounding_layer
+from vllm_sqplus.rounding import RoundingOptions, _LearnedQuant, learned_rounding_layer, output_error
 
 
 def _weights(n=48, k=256, seed=0, dtype=torch.bfloat16):
@@ -98,6 +98,58 @@ def test_learned_layer_beats_rtn_and_returns_what_it_stores(arch_name):
     assert torch.equal(hs_next, runner.run_layer(work, hs_q))
     assert log["val_mse"] <= log["start_val_mse"]
     assert _mse(work, runner, hs_q, tgt) < 0.8 * _mse(rtn, runner, hs_q, tgt)
+
+
+def test_normed_error_is_the_error_after_rms_normalisation():
+    """output_error "normed", against plain PyTorch: each token's error over its target's RMS,
+    weighted by gamma; the error of the RMS-normalised outputs where out and tgt share their RMS
+    per token (a tangent error); blind to a token's scale where mse is ruled by the largest."""
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.randn(2, 5, 16, generator=g)
+    tgt[0, 0] *= 300.0                                  # a massive-activation token
+    d = torch.randn(tgt.shape, generator=g) * 0.01
+    gamma = torch.rand(16, generator=g) + 0.5
+    rms = tgt.pow(2).mean(-1, keepdim=True).sqrt()
+    ref = ((d * gamma / rms) ** 2).mean()
+    torch.testing.assert_close(output_error(tgt + d, tgt, "normed", gamma), ref, rtol=1e-5, atol=0)
+    # tangent error (out's RMS = tgt's RMS per token): equals the RMSNorm outputs' MSE
+    d_t = d - tgt * (d * tgt).sum(-1, keepdim=True) / tgt.pow(2).sum(-1, keepdim=True)
+    out = tgt + d_t
+    out = out * rms / out.pow(2).mean(-1, keepdim=True).sqrt()
+    rmsnorm = lambda x: x * x.pow(2).mean(-1, keepdim=True).rsqrt() * gamma
+    torch.testing.assert_close(output_error(out, tgt, "normed", gamma), F.mse_loss(rmsnorm(out), rmsnorm(tgt)),
+                               rtol=1e-4, atol=0)
+    # scaling one token scales its mse share, not its normed one
+    big = tgt.clone(); big[1, 2] *= 1000.0
+    dd = d.clone(); dd[1, 2] *= 1000.0
+    torch.testing.assert_close(output_error(big + dd, big, "normed"), output_error(tgt + d, tgt, "normed"),
+                               rtol=1e-4, atol=0)
+    assert output_error(big + dd, big) > 1e4 * output_error(tgt + d, tgt)
+    torch.testing.assert_close(output_error(tgt + d, tgt), F.mse_loss(tgt + d, tgt))
+    with pytest.raises(ValueError, match="unknown rounding loss"):
+        output_error(tgt, tgt, "kl")
+
+
+def test_normed_fit_beats_rtn_on_its_own_error():
+    """opts.loss "normed" with the next norm's gamma: the learned layer's normed error is well below
+    RTN's, and its codes are still what RTN at load gives back."""
+    model, arch, runner, hs = _layer_setup("qwen2")
+    ref = runner.layer_on_device(0)
+    hs_q = hs + 0.01 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(2))
+    work, rtn = copy.deepcopy(ref), copy.deepcopy(ref)
+    with torch.no_grad():
+        for name in arch.linears:
+            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    gamma = get_module(runner.layers[1], arch.input_norm).weight.detach()
+    qs, _, tgt, log = learned_rounding_layer(work, ref, arch, runner, hs_q, hs, 64, torch.float32,
+                                             RoundingOptions(iters=40, batch=2, val_samples=4, loss="normed"),
+                                             gamma=gamma)
+    assert log["loss"] == "normed" and log["val_mse"] <= log["start_val_mse"]
+    err = lambda layer: float(output_error(runner.run_layer(layer, hs_q), tgt, "normed", gamma))
+    assert err(work) < 0.8 * err(rtn)
+    for name, (q, s, z) in qs.items():
+        q2, s2, z2 = quantize_int4(get_module(work, name).weight.detach(), 64)
+        assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
 
 
 def test_no_step_that_helps_keeps_rtn():

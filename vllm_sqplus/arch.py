@@ -31,6 +31,7 @@ class ArchSpec:
     final_norm: str
     linears: tuple[str, ...]       # every linear of a decoder layer (quantized)
     pairs: tuple[SmoothPair, ...] = field(default_factory=tuple)
+    input_norm: str = "input_layernorm"  # the RMSNorm a decoder layer's input passes first
 
     def active_pairs(self, config, kinds: tuple[str, ...] = ("norm", "linear")) -> list[SmoothPair]:
         return [p for p in self.pairs if p.kind in kinds and p.requires(config)]

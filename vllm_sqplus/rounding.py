@@ -48,6 +48,29 @@ class RoundingOptions:
     val_samples: int = 8       # fixed calibration samples that pick the iterate kept
     check_every: int = 10
     seed: int = 0
+    loss: str = "mse"          # "mse", or "normed": the error as the next RMSNorm passes it on (output_error)
+
+
+LOSSES = ("mse", "normed")
+
+
+def output_error(out: torch.Tensor, tgt: torch.Tensor, loss: str = "mse",
+                 gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer-output error the fit minimises. "mse": mean squared error. "normed": the error as
+    the next RMSNorm (weight gamma) passes it on, to first order: each token's error divided by
+    the root mean square of its target and multiplied channel-wise by gamma,
+    mean(((out - tgt) * gamma / rms(tgt))^2). On Qwen2 the residual stream carries a few channels
+    some hundred times larger than the rest on a few tokens (the first one above all); a plain MSE
+    spends the fit on them, while the next layer sees them divided by their token's RMS (and often
+    times a small gamma)."""
+    if loss == "mse":
+        return F.mse_loss(out, tgt)
+    if loss != "normed":
+        raise ValueError(f"unknown rounding loss {loss!r}; one of {', '.join(LOSSES)}")
+    e = (out - tgt) * tgt.float().pow(2).mean(-1, keepdim=True).clamp(min=1e-12).rsqrt()
+    if gamma is not None:
+        e = e * gamma.float()
+    return e.pow(2).mean()
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +140,11 @@ class _LearnedQuant:
 
 def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runner, hs_q: torch.Tensor,
                            hs_fp: torch.Tensor, group_size: int, store_dtype: torch.dtype,
-                           opts: RoundingOptions = RoundingOptions()):
+                           opts: RoundingOptions = RoundingOptions(), gamma: torch.Tensor | None = None):
     """Learned rounding of the linears of `work` (the layer as it will be stored: smoothed, clipped,
     not yet quantized) against `ref` (the full-precision layer). hs_q: the quantized model's stream
-    into this layer; hs_fp: the full-precision model's. Returns ({linear: (codes, scales, zeros)},
+    into this layer; hs_fp: the full-precision model's. gamma: the weight of the RMSNorm after the
+    layer (the next layer's input norm, or the final norm), for opts.loss "normed". Returns ({linear: (codes, scales, zeros)},
     the quantized stream out of the layer, the full-precision stream out of `ref`, a log dict); the
     linears of `work` are left holding their dequantized INT4 weights."""
     from vllm_sqplus.quant import dequantize_int4
@@ -144,7 +168,7 @@ def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runn
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         out = work(hs_q[idx], **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        return F.mse_loss(out, tgt[idx])
+        return output_error(out, tgt[idx], opts.loss, gamma)
 
     def val_loss() -> float:
         with torch.no_grad():
@@ -182,5 +206,5 @@ def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runn
             w.copy_(dequantize_int4(codes, s, z, group_size, dtype=store_dtype).to(w.dtype))
             qs[name] = (codes, s, z)
         hs_next = runner.run_layer(work, hs_q)
-    log = {"start_val_mse": start_loss, "val_mse": best, "kept_step": best_it}
+    log = {"start_val_mse": start_loss, "val_mse": best, "kept_step": best_it, "loss": opts.loss}
     return qs, hs_next, tgt, log

@@ -662,9 +662,12 @@ def _pass_learned(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_s
             gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
                        act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
                        range_ratios=opts.gptq_range_ratios)
+        nxt = (get_module(runner.layers[i + 1], arch.input_norm) if i + 1 < len(runner.layers)
+               else get_module(runner.model, arch.final_norm))
         with torch.enable_grad():
             qs, hs, hs_fp, lg = learned_rounding_layer(work, layer, arch, runner, hs, hs_fp, q.group_size,
-                                                       q.store_dtype, opts.rounding_opts)
+                                                       q.store_dtype, opts.rounding_opts,
+                                                       gamma=nxt.weight.detach().to(runner.device))
         log.append(lg)
         mismatches += _keep_layer(out, work, qs, q)
         hs_held = runner.run_layer(work, hs_held)
