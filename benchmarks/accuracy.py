@@ -15,6 +15,9 @@ Variants (all evaluated in float32 on the same token windows):
                 pseudo_quantize_lm_head; int4 with --group-size), the embedding untied and kept.
 Metrics: perplexity on vllm_sqplus.corpora.eval_code_text() and eval_english_text() (never part of
 any calibration), and the mean over those tokens of KL(FP || variant) of the next-token distribution.
+Each row also keeps every window's mean NLL ({text}_window_nll), from which accuracy_table.py
+gives the share of RTN's increase a standard error (windows resampled, paired across rows); an FP
+row recorded without them is evaluated again.
 FP log-probabilities are computed once per text and cached on disk in float16 (--cache DIR), one
 file per window, so only one model is in memory at a time; the variant's log-probs are rounded to
 float16 the same way before the difference, so FP against its own cache is exactly 0.
@@ -208,9 +211,12 @@ def evaluate(model, ids: torch.Tensor, cache_dir: Path, write_cache: bool) -> di
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     nll, kl, n = 0.0, 0.0, 0
+    window_nll = []  # mean NLL of each window (nats/token): the unit of the table's standard errors
     for w in range(ids.shape[0]):
         lp = window_logprobs(model, ids[w])
-        nll -= float(lp.gather(-1, ids[w, 1:, None]).sum())
+        wn = -float(lp.gather(-1, ids[w, 1:, None]).sum())
+        nll += wn
+        window_nll.append(round(wn / lp.shape[0], 7))
         lp16 = lp.half()
         f = cache_dir / f"w{w}.pt"
         if write_cache:
@@ -225,7 +231,7 @@ def evaluate(model, ids: torch.Tensor, cache_dir: Path, write_cache: bool) -> di
         p = ref.float().exp()
         kl += float((p * (ref.float() - lp16.float())).sum())
         n += lp.shape[0]
-    return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n}
+    return {"ppl": math.exp(nll / n), "kl": kl / n, "tokens": n, "window_nll": window_nll}
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -292,7 +298,8 @@ def run(model_path, name: str, variants: list[tuple[str, str, str]], group_size:
     order = [("FP", "fp", str(model_path))] + [v for v in variants if v[1] != "fp"]
     for vname, kind, path, *lm_head in order:
         old = record["variants"].get(vname)
-        if kind == "fp" and fp_cached and old and old.get("path") == str(Path(path).resolve()):
+        if (kind == "fp" and fp_cached and old and old.get("path") == str(Path(path).resolve())
+                and all(f"{t}_window_nll" in old for t in ids)):
             print(f"{vname}: FP cache present, kept", flush=True)
             continue
         if skip_existing and old and old.get("path") == str(Path(path).resolve()) and kind != "fp":
@@ -305,6 +312,7 @@ def run(model_path, name: str, variants: list[tuple[str, str, str]], group_size:
         for t, v in ids.items():
             r = evaluate(model, v, cache[t], write_cache=(kind == "fp"))
             row[f"{t}_ppl"], row[f"{t}_kl"], row[f"{t}_tokens"] = r["ppl"], r["kl"], r["tokens"]
+            row[f"{t}_window_nll"] = r["window_nll"]
         del model
         row.update({"seconds_load": round(t_load, 1), "seconds": round(time.perf_counter() - t0, 1),
                     "producer": producer_record(kind, path),

@@ -65,10 +65,32 @@ def load_humaneval(results: Path) -> dict:
     return he
 
 
-def _share(x: float, fp: float, rtn: float) -> str:
+BOOTSTRAP = 2000
+
+
+def share_se(x: list, fp: list, rtn: list, n_boot: int = BOOTSTRAP, seed: int = 0) -> float | None:
+    """Standard error of the share (ppl(x) - ppl(fp)) / (ppl(rtn) - ppl(fp)) from per-window mean
+    NLLs (equal-length windows, the same windows in each list): the standard deviation of the share
+    over bootstrap resamples of the windows, one index draw for all three rows (paired). None
+    where the windows are missing, unequal in number or fewer than 2, or where a resample has
+    RTN no worse than FP (the share is then undefined)."""
+    if not (x and fp and rtn) or not len(x) == len(fp) == len(rtn) or len(x) < 2:
+        return None
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([x, fp, rtn], dtype=torch.float64)
+    idx = torch.randint(0, w.shape[1], (n_boot, w.shape[1]), generator=g)
+    ppl = w[:, idx].mean(-1).exp()  # [3, n_boot]
+    den = ppl[2] - ppl[1]
+    if bool((den <= 0).any()):
+        return None
+    return float(((ppl[0] - ppl[1]) / den).std())
+
+
+def _share(x: float, fp: float, rtn: float, se: float | None = None) -> str:
     if rtn == fp:
         return "n/a"
-    return f"{100 * (x - fp) / (rtn - fp):.0f}%"
+    return f"{100 * (x - fp) / (rtn - fp):.0f}%" + (f" ± {100 * se:.0f}" if se is not None else "")
 
 
 def _minutes(s) -> str:
@@ -110,7 +132,9 @@ def render(records: list[dict], humaneval: dict) -> str:
              "says where a peer used a shorter prefix, or our GPTQ stage's 64 instead). Evaluation (benchmarks/accuracy.py, float32, one code path for every row): "
              "held-out code = 12 other stdlib modules, held-out English = the reference-manual topics of "
              "pydoc_data; neither is calibrated on. *Share* = (variant - FP) / (RTN - FP) of the perplexity: "
-             "0% is lossless, 100% is RTN. KL = mean over tokens of KL(FP || variant), nats. "
+             "0% is lossless, 100% is RTN; \"± x\" is its standard error over the evaluation windows "
+             f"(the windows resampled {BOOTSTRAP} times, the same draw for the row, FP and RTN), shown where all "
+             "three rows recorded their per-window NLL (evaluations since session 20). KL = mean over tokens of KL(FP || variant), nats. "
              "Time / RSS = the search or quantization that made the checkpoint (RTN needs none).",
              "", "Hand-written analysis and session history: [accuracy_notes.md](accuracy_notes.md).", ""]
     for rec in records:
@@ -130,8 +154,10 @@ def render(records: list[dict], humaneval: dict) -> str:
             if r is None:  # (a HumanEval run of that name belongs to the checkpoint of another table)
                 lines.append(f"| {name} | missing (not evaluated yet) | | | | | | | | |")
                 continue
-            cs = _share(r["code_ppl"], fp["code_ppl"], rtn["code_ppl"]) if fp and rtn else ""
-            es = _share(r["english_ppl"], fp["english_ppl"], rtn["english_ppl"]) if fp and rtn else ""
+            cs, es = ("", "") if not (fp and rtn) else (
+                _share(r[f"{t}_ppl"], fp[f"{t}_ppl"], rtn[f"{t}_ppl"],
+                       share_se(r.get(f"{t}_window_nll"), fp.get(f"{t}_window_nll"), rtn.get(f"{t}_window_nll")))
+                for t in ("code", "english"))
             if name in ("FP", "RTN"):
                 cs, es = ("0%", "0%") if name == "FP" else ("100%", "100%")
             p = r.get("producer") or {}

@@ -106,6 +106,8 @@ def test_ppl_matches_plain_reference(fp_dir, tmp_path):
     nll = -lq.gather(-1, ids[:, 1:, None]).mean()
     kl = (lp.exp() * (lp - lq)).sum(-1).mean()
     assert rec["variants"]["RTN"]["code_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    per_window = -lq.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+    assert rec["variants"]["RTN"]["code_window_nll"] == pytest.approx(per_window.tolist(), abs=2e-6)
     assert rec["variants"]["RTN"]["code_kl"] == pytest.approx(float(kl), rel=2e-2)  # float16 cache
 
 
@@ -148,6 +150,30 @@ def test_table_shares_and_missing_rows(tmp_path):
     assert "| SQ+ paper" in md and "missing" in md.split("| SQ+ paper", 1)[1].splitlines()[0]
     assert "accuracy_notes.md" in md and "CPU X" in md and "GENERATED" in md
     assert "## qwen2.5-coder-1.5b" in md and "Not evaluated yet" in md.split("## qwen2.5-coder-1.5b", 1)[1]
+
+
+def test_share_standard_error(tmp_path):
+    """share_se: 0 where every window moves by the same NLL (the share is then the same in every
+    resample); with noise, about half as large on 4x the windows; None without the windows or
+    with lists of unequal length."""
+    g = torch.Generator().manual_seed(0)
+    fp = (2.0 + 0.3 * torch.randn(16, generator=g)).tolist()
+    rtn = [f + 0.05 for f in fp]
+    assert table.share_se([f + 0.02 for f in fp], fp, rtn) == pytest.approx(0.0, abs=1e-9)
+    noisy = [f + 0.02 + 0.02 * float(e) for f, e in zip(fp, torch.randn(16, generator=g))]
+    se = table.share_se(noisy, fp, rtn)
+    se4 = table.share_se(noisy * 4, fp * 4, rtn * 4)
+    assert 0.05 < se < 0.5 and se4 == pytest.approx(se / 2, rel=0.2)
+    assert table.share_se(None, fp, rtn) is None and table.share_se(noisy[:8], fp, rtn) is None
+    assert table.share_se(noisy, fp, fp) is None  # RTN no worse than FP: no share
+    rec = _fake_record()
+    for name, base in (("FP", fp), ("RTN", rtn), ("GPTQ", noisy)):
+        rec["variants"][name]["code_window_nll"] = base
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(rec))
+    md = table.render(table.load_results(tmp_path), humaneval={})
+    gptq = next(ln for ln in md.splitlines() if ln.startswith("| GPTQ"))
+    cells = [c.strip() for c in gptq.strip("|").split("|")]
+    assert cells[2] == f"25% ± {100 * se:.0f}" and cells[4] == "150%"  # (no English windows: no error)
 
 
 def test_table_humaneval_column(tmp_path):
