@@ -271,8 +271,9 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
         assert not all(fixed)
 
 
-@pytest.mark.parametrize("loss", ["mse", "normed"])
-def test_learned_rounding_stage_is_scored_recorded_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, loss):
+@pytest.mark.parametrize("loss,target", [("mse", "fp"), ("normed", "layer")])
+def test_learned_rounding_stage_is_scored_recorded_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, loss,
+                                                                                       target):
     """--rounding learned: the last stage is vllm_sqplus.rounding's, a row "<base>+learned" judged
     as the GPTQ stage is; the config says which stage was kept, and a kept stage's stored linears
     are fixed points of the plugin's RTN at load."""
@@ -281,7 +282,7 @@ def test_learned_rounding_stage_is_scored_recorded_and_stored_in_rtn_reproducibl
     src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16, kv_heads=2)
     out = tmp_path / "out"
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST,
-                 "--rounding", "learned", "--rounding-iters", "20", "--rounding-loss", loss]) == 0
+                 "--rounding", "learned", "--rounding-iters", "20", "--rounding-loss", loss, "--rounding-target", target]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
     stage = [r for r in table["rows"] if r.get("stage")]
     assert len(stage) == 1 and stage[0]["name"].endswith("+learned") and stage[0]["rtn_at_load_mismatches"] == 0
@@ -289,8 +290,9 @@ def test_learned_rounding_stage_is_scored_recorded_and_stored_in_rtn_reproducibl
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     kept = table["chosen"] == stage[0]["name"]
     assert qc["learned_rounding"] is kept and qc["gptq"] is False
-    assert all(lg["loss"] == loss for lg in stage[0]["layer_log"])
+    assert all(lg["loss"] == loss and lg["target"] == target for lg in stage[0]["layer_log"])
     assert qc.get("rounding_loss") == (loss if kept else None)
+    assert qc.get("rounding_target") == (target if kept else None)
     sd = load_file(out / "model.safetensors")
     fixed = [torch.equal(dequantize_int4(*quantize_int4(sd[k], 64), 64, dtype=sd[k].dtype), sd[k])
              for k in sd if k.endswith("proj.weight")]
@@ -308,7 +310,9 @@ def test_learned_rounding_with_its_stage_turned_off_is_one_error_before_any_work
 def test_rounding_loss_without_the_learned_stage_is_one_error(tmp_path, capsys, calib_file):
     src = save_tiny(tmp_path / "src", "llama")
     _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
-                    "--rounding-loss", "normed"], "--rounding-loss normed sets the learned rounding's error")
+                    "--rounding-loss", "normed"], "--rounding-loss normed sets the learned rounding's fit")
+    _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o"), "--calib", str(calib_file),
+                    "--rounding-target", "layer"], "--rounding-target layer sets the learned rounding's fit")
     assert not (tmp_path / "o").exists()
 
 

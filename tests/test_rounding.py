@@ -152,6 +152,27 @@ def test_normed_fit_beats_rtn_on_its_own_error():
         assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
 
 
+def test_layer_target_fits_the_fp_layer_on_the_quantized_stream():
+    """opts.target "layer": the fit is against the full-precision layer on the same quantized stream
+    (GPTQ's target): its error there is well below RTN's; the stream it hands on as the
+    full-precision one is still the full-precision layer on the full-precision stream."""
+    model, arch, runner, hs = _layer_setup("llama")
+    ref = runner.layer_on_device(0)
+    hs_q = hs + 0.05 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(3))
+    work, rtn = copy.deepcopy(ref), copy.deepcopy(ref)
+    with torch.no_grad():
+        for name in arch.linears:
+            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    _, _, fp_out, log = learned_rounding_layer(work, ref, arch, runner, hs_q, hs, 64, torch.float32,
+                                               RoundingOptions(iters=40, batch=2, val_samples=4, target="layer"))
+    assert torch.equal(fp_out, runner.run_layer(ref, hs)) and log["target"] == "layer"
+    tgt = runner.run_layer(ref, hs_q)
+    assert _mse(work, runner, hs_q, tgt) < 0.8 * _mse(rtn, runner, hs_q, tgt)
+    with pytest.raises(ValueError, match="unknown rounding target"):
+        learned_rounding_layer(copy.deepcopy(ref), ref, arch, runner, hs_q, hs, 64, torch.float32,
+                               RoundingOptions(target="model"))
+
+
 def test_no_step_that_helps_keeps_rtn():
     """With a step too small to move any code (lr 1e-9), the iterate kept is the first, plain RTN
     (in the RTN-reproducible form: RTN at load of the stored weights)."""

@@ -8,7 +8,9 @@ rounding offset V in [-0.5, 0.5] per weight (V = 0, a = 1 is plain RTN). V and t
 the sign of the gradient of the layer's output error (mean squared error against the
 full-precision layer's output on full-precision inputs, the layer fed the already quantized
 stream: the error of the layers before it is what this layer sees as deployed), with rounding
-passed straight through. The step is lr = 1 / iters, decaying linearly to 0, so no offset moves by
+passed straight through (RoundingOptions.target "layer": against the full-precision layer on the
+same quantized stream instead, GPTQ's target: the fit then only reproduces the layer's own
+function and leaves the error that reaches it alone). The step is lr = 1 / iters, decaying linearly to 0, so no offset moves by
 more than half a step in all.
 
 Unlike GPTQ it needs no Hessian and fits the layer's joint output (attention and MLP together),
@@ -49,9 +51,12 @@ class RoundingOptions:
     check_every: int = 10
     seed: int = 0
     loss: str = "mse"          # "mse", or "normed": the error as the next RMSNorm passes it on (output_error)
+    target: str = "fp"         # "fp": the full-precision layer on the full-precision stream (AutoRound's);
+                               # "layer": the full-precision layer on the quantized stream (GPTQ's)
 
 
 LOSSES = ("mse", "normed")
+TARGETS = ("fp", "layer")
 
 
 def output_error(out: torch.Tensor, tgt: torch.Tensor, loss: str = "mse",
@@ -142,14 +147,18 @@ def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runn
                            hs_fp: torch.Tensor, group_size: int, store_dtype: torch.dtype,
                            opts: RoundingOptions = RoundingOptions(), gamma: torch.Tensor | None = None):
     """Learned rounding of the linears of `work` (the layer as it will be stored: smoothed, clipped,
-    not yet quantized) against `ref` (the full-precision layer). hs_q: the quantized model's stream
+    not yet quantized) against `ref` (the full-precision layer; on hs_fp, or on hs_q with opts.target
+    "layer"). hs_q: the quantized model's stream
     into this layer; hs_fp: the full-precision model's. gamma: the weight of the RMSNorm after the
     layer (the next layer's input norm, or the final norm), for opts.loss "normed". Returns ({linear: (codes, scales, zeros)},
     the quantized stream out of the layer, the full-precision stream out of `ref`, a log dict); the
     linears of `work` are left holding their dequantized INT4 weights."""
     from vllm_sqplus.quant import dequantize_int4
+    if opts.target not in TARGETS:
+        raise ValueError(f"unknown rounding target {opts.target!r}; one of {', '.join(TARGETS)}")
     with torch.no_grad():
-        tgt = runner.run_layer(ref, hs_fp)
+        fp_out = runner.run_layer(ref, hs_fp)
+        tgt = fp_out if opts.target == "fp" else runner.run_layer(ref, hs_q)
     kwargs = runner._capture_kwargs(hs_q.shape[1])
     lqs = {name: _LearnedQuant(get_module(work, name).weight, group_size, store_dtype) for name in arch.linears}
     saved = {}
@@ -206,5 +215,6 @@ def learned_rounding_layer(work: nn.Module, ref: nn.Module, arch: ArchSpec, runn
             w.copy_(dequantize_int4(codes, s, z, group_size, dtype=store_dtype).to(w.dtype))
             qs[name] = (codes, s, z)
         hs_next = runner.run_layer(work, hs_q)
-    log = {"start_val_mse": start_loss, "val_mse": best, "kept_step": best_it, "loss": opts.loss}
-    return qs, hs_next, tgt, log
+    log = {"start_val_mse": start_loss, "val_mse": best, "kept_step": best_it, "loss": opts.loss,
+           "target": opts.target}
+    return qs, hs_next, fp_out, log

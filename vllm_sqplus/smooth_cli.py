@@ -74,6 +74,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rounding-loss", choices=["mse", "normed"], default=RoundingOptions.loss,
                    help="learned rounding: the layer-output error it fits: mse (default), or normed: each "
                         "token's error over its RMS, times the next RMSNorm's weight (what the next layer reads)")
+    p.add_argument("--rounding-target", choices=["fp", "layer"], default=RoundingOptions.target,
+                   help="learned rounding: what the layer's output is fitted to: fp (default), the full-precision "
+                        "model's own stream (AutoRound's target); layer, the full-precision layer on the quantized "
+                        "stream (GPTQ's target)")
     from vllm_sqplus.gptq import add_order_args
     add_order_args(p, prefix="gptq-")  # the GPTQ stage's options
     p.add_argument("--thorough", action="store_true",
@@ -131,9 +135,11 @@ def validate(args):
         if off:
             raise SqplusError(f"--rounding {args.rounding} is the search's last stage, which {' and '.join(off)} "
                               "turn(s) off; drop one or the other")
-    if args.rounding == "gptq" and args.rounding_loss != RoundingOptions.loss:
-        raise SqplusError(f"--rounding-loss {args.rounding_loss} sets the learned rounding's error; "
-                          "it goes with --rounding learned or gptq+learned")
+    for flag, value, default in (("--rounding-loss", args.rounding_loss, RoundingOptions.loss),
+                                 ("--rounding-target", args.rounding_target, RoundingOptions.target)):
+        if args.rounding == "gptq" and value != default:
+            raise SqplusError(f"{flag} {value} sets the learned rounding's fit; "
+                              "it goes with --rounding learned or gptq+learned")
     if args.gptq_range_search and not args.gptq_act_order:
         raise SqplusError("--gptq-range-search goes with act-order (drop --no-gptq-act-order)")
     # (also covers --lm-head int4: the lm_head's in_features are hidden_size, like q_proj's)
@@ -163,7 +169,8 @@ def search_options(args, alpha, out: Path | None = None):
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
                          gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough,
-                         rounding=args.rounding, rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss),
+                         rounding=args.rounding, rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss,
+                                                                      target=args.rounding_target),
                          gptq_spill=out is not None, spill_dir=str(out.parent) if out is not None else None)
 
 
@@ -259,7 +266,8 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
         "clipped": any(p.clip is not None for p in plans),
         "gptq": chosen.endswith(GPTQ_SUFFIXES),
         "learned_rounding": chosen.endswith("+learned"),
-        **({"rounding_iters": args.rounding_iters, "rounding_loss": args.rounding_loss}
+        **({"rounding_iters": args.rounding_iters, "rounding_loss": args.rounding_loss,
+            "rounding_target": args.rounding_target}
            if chosen.endswith("+learned") else {}),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
             "gptq_range_search": bool(args.gptq_range_search)}
