@@ -169,8 +169,9 @@ def search_options(args, alpha, out: Path | None = None):
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
                          gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough,
-                         rounding=args.rounding, rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss,
-                                                                      target=args.rounding_target),
+                         rounding=args.rounding,
+                         rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss,
+                                                       target=args.rounding_target),
                          gptq_spill=out is not None, spill_dir=str(out.parent) if out is not None else None)
 
 
