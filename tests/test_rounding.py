@@ -69,6 +69,20 @@ def _layer_setup(arch_name="qwen2"):
     return model, arch, runner, hs
 
 
+def _upstream_error(hs, scale, seed):
+    """The stream into the layer as the quantized model would hand it: hs plus a small error."""
+    return hs + scale * torch.randn(hs.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _work_and_rtn(arch, ref):
+    """(a copy of ref to fit, a copy with every linear plain-RTN quantized: the reference error)."""
+    work, rtn = copy.deepcopy(ref), copy.deepcopy(ref)
+    with torch.no_grad():
+        for name in arch.linears:
+            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    return work, rtn
+
+
 def _mse(layer, runner, hs, tgt):
     return float(F.mse_loss(runner.run_layer(layer, hs), tgt))
 
@@ -81,12 +95,8 @@ def test_learned_layer_beats_rtn_and_returns_what_it_stores(arch_name):
     on all samples is well below RTN's (samples the fit saw: the stage's own objective)."""
     model, arch, runner, hs = _layer_setup(arch_name)
     ref = runner.layer_on_device(0)
-    hs_q = hs + 0.01 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(2))  # an upstream error
-    work = copy.deepcopy(ref)
-    rtn = copy.deepcopy(ref)
-    with torch.no_grad():
-        for name in arch.linears:
-            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    hs_q = _upstream_error(hs, 0.01, seed=2)
+    work, rtn = _work_and_rtn(arch, ref)
     qs, hs_next, tgt, log = learned_rounding_layer(work, ref, arch, runner, hs_q, hs, 64, torch.float32,
                                                    RoundingOptions(iters=40, batch=2, val_samples=4))
     assert torch.equal(tgt, runner.run_layer(ref, hs))
@@ -135,11 +145,8 @@ def test_normed_fit_beats_rtn_on_its_own_error():
     RTN's, and its codes are still what RTN at load gives back."""
     model, arch, runner, hs = _layer_setup("qwen2")
     ref = runner.layer_on_device(0)
-    hs_q = hs + 0.01 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(2))
-    work, rtn = copy.deepcopy(ref), copy.deepcopy(ref)
-    with torch.no_grad():
-        for name in arch.linears:
-            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    hs_q = _upstream_error(hs, 0.01, seed=2)
+    work, rtn = _work_and_rtn(arch, ref)
     gamma = get_module(runner.layers[1], arch.input_norm).weight.detach()
     qs, _, tgt, log = learned_rounding_layer(work, ref, arch, runner, hs_q, hs, 64, torch.float32,
                                              RoundingOptions(iters=40, batch=2, val_samples=4, loss="normed"),
@@ -158,11 +165,8 @@ def test_layer_target_fits_the_fp_layer_on_the_quantized_stream():
     full-precision one is still the full-precision layer on the full-precision stream."""
     model, arch, runner, hs = _layer_setup("llama")
     ref = runner.layer_on_device(0)
-    hs_q = hs + 0.05 * torch.randn(hs.shape, generator=torch.Generator().manual_seed(3))
-    work, rtn = copy.deepcopy(ref), copy.deepcopy(ref)
-    with torch.no_grad():
-        for name in arch.linears:
-            get_module(rtn, name).weight.copy_(pseudo_quantize_int4(get_module(ref, name).weight, 64))
+    hs_q = _upstream_error(hs, 0.05, seed=3)
+    work, rtn = _work_and_rtn(arch, ref)
     _, _, fp_out, log = learned_rounding_layer(work, ref, arch, runner, hs_q, hs, 64, torch.float32,
                                                RoundingOptions(iters=40, batch=2, val_samples=4, target="layer"))
     assert torch.equal(fp_out, runner.run_layer(ref, hs)) and log["target"] == "layer"
