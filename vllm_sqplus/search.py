@@ -608,6 +608,16 @@ def _keep_layer(out, work: nn.Module, qs: dict, q: QuantSpec) -> int:
     return bad
 
 
+def _gptq_stage_layer(work: nn.Module, arch: ArchSpec, runner: LayerwiseModel, hs: torch.Tensor, q: QuantSpec,
+                      opts: SearchOptions):
+    """gptq.gptq_layer with the stage's options (RTN-reproducible form): one call for _pass_gptq
+    and the GPTQ start of _pass_learned, so both run the same GPTQ."""
+    from vllm_sqplus.gptq import gptq_layer
+    return gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
+                      act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
+                      range_ratios=opts.gptq_range_ratios)
+
+
 @torch.no_grad()
 def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stats: list, plans: list[LayerPlan],
                stat_ids: torch.Tensor, heldout: torch.Tensor, opts: SearchOptions) -> tuple[list, torch.Tensor, int]:
@@ -615,7 +625,6 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
     the quantized stream of `stat_ids` (search's gptq_ids). Returns (per layer {linear: (packed codes, scales,
     zeros)}: a list, or a checkpoint.LayerSpill with opts.gptq_spill; the held-out stream of the
     result; values that RTN at load would not give back)."""
-    from vllm_sqplus.gptq import gptq_layer
     config = runner.model.config
     hs = runner.embed(stat_ids)
     hs_held = runner.embed(heldout)
@@ -626,9 +635,7 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         work = copy.deepcopy(layer)
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
-        qs, hs = gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
-                            act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
-                            range_ratios=opts.gptq_range_ratios)
+        qs, hs = _gptq_stage_layer(work, arch, runner, hs, q, opts)
         mismatches += _keep_layer(out, work, qs, q)
         hs_held = runner.run_layer(work, hs_held)
         del layer, work
@@ -645,7 +652,6 @@ def _pass_learned(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_s
     are then the GPTQ grid values, so offsets 0 and range factors 1 are GPTQ's codes, scales and
     zeros exactly, and the fit moves codes by at most one step from there.
     Returns what _pass_gptq does, and a log per layer (validation error of the start and of the result)."""
-    from vllm_sqplus.gptq import gptq_layer
     from vllm_sqplus.rounding import learned_rounding_layer
     config = runner.model.config
     hs_fp = runner.embed(stat_ids)
@@ -659,9 +665,7 @@ def _pass_learned(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_s
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
         if opts.rounding == "gptq+learned":
-            gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
-                       act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
-                       range_ratios=opts.gptq_range_ratios)
+            _gptq_stage_layer(work, arch, runner, hs, q, opts)
         nxt = (get_module(runner.layers[i + 1], arch.input_norm) if i + 1 < len(runner.layers)
                else get_module(runner.model, arch.final_norm))
         with torch.enable_grad():
