@@ -177,6 +177,18 @@ def producer_record(kind: str, path) -> dict | None:
         if isinstance(g, dict) and g.get("seconds") is not None and rec["seconds"] is not None:
             rec["seconds"] += g["seconds"]
             rec["seconds_by_phase"] = dict(rec["seconds_by_phase"] or {}, sqplus_gptq=g["seconds"])
+        # a `sqplus tune` of the searched checkpoint: its time counts too, its peak RSS if larger
+        t = path / "sqplus_tune.json"
+        if t.is_file():
+            tr = json.loads(t.read_text())
+            if rec["seconds"] is not None and tr.get("seconds") is not None:
+                rec["seconds"] += tr["seconds"]
+                rec["seconds_by_phase"] = dict(rec["seconds_by_phase"] or {}, sqplus_tune=tr["seconds"])
+            if tr.get("peak_rss_gib") is not None:
+                rec["peak_rss_gib"] = max(rec.get("peak_rss_gib") or 0.0, tr["peak_rss_gib"])
+            rec["tune"] = {k: tr.get(k) for k in ("command", "date", "machine", "threads", "heldout_kl_start",
+                                                  "heldout_kl", "kept", "best_epoch", "seconds", "peak_rss_gib")}
+            rec["command"] = f"{rec.get('command')}; then {tr.get('command')}"
         if "date" not in rec:  # the search table has none: the file's time stands for it
             rec["date"] = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(
                 timespec="seconds") + " (file mtime)"

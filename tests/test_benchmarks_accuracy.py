@@ -228,6 +228,22 @@ def test_producer_of_a_sqplus_gptq_smoothed_checkpoint_is_its_own_record(tmp_pat
     assert acc.producer_record("smoothed", d) is None
 
 
+
+def test_producer_of_a_tuned_checkpoint_adds_the_tune_time_and_keeps_the_larger_peak(tmp_path):
+    """`sqplus tune` copies the search table into its output: the row's time is the search's plus
+    the tuning's, its peak RSS the larger of the two, its command both."""
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "smoothquant_plus"}}))
+    (d / "sqplus_search.json").write_text(json.dumps({"seconds": {"total": 600.0}, "peak_rss_gib": 3.0,
+                                                      "command": "sqplus smooth m --out s", "date": "d"}))
+    (d / "sqplus_tune.json").write_text(json.dumps({"seconds": 120.0, "peak_rss_gib": 4.5, "kept": True,
+                                                    "command": "sqplus tune s --fp m --out t"}))
+    p = acc.producer_record("smoothed", d)
+    assert p["seconds"] == 720.0 and p["peak_rss_gib"] == 4.5
+    assert p["seconds_by_phase"]["sqplus_tune"] == 120.0 and p["tune"]["kept"] is True
+    assert p["command"] == "sqplus smooth m --out s; then sqplus tune s --fp m --out t"
+
 def test_peer_calibration_dump_of_the_gptq_stage_set(fp_dir, tmp_path, monkeypatch):
     """benchmarks/peers/dump_calib.py --gptq-samples N hands a peer exactly our GPTQ stage's samples:
     the first 32 statistics samples and the N - 32 after the held-out ones (the held-out never among

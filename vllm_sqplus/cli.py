@@ -3,6 +3,7 @@
   sqplus smooth    MODEL --out DIR     calibrate, search alpha, write a smoothed checkpoint (smooth_cli.py)
   sqplus quantize  MODEL --out DIR     write a pre-quantized INT4 checkpoint (export.py)
   sqplus gptq      MODEL --out DIR     GPTQ INT4 of a smoothed checkpoint, pre-quantized (gptq.py)
+  sqplus tune      SMOOTHED --fp MODEL --out DIR   end-to-end tuning of norms, biases, group scales (tune.py)
   sqplus serve     MODEL [vllm args]   OpenAI server with smoothquant_plus (serve.py)
   sqplus eval      humaneval|ppl ...   evaluation (eval/cli.py)
 
@@ -16,7 +17,7 @@ import sys
 
 from vllm_sqplus.errors import SqplusError
 
-_COMMANDS = ["vllm_sqplus.smooth_cli", "vllm_sqplus.export", "vllm_sqplus.gptq", "vllm_sqplus.serve", "vllm_sqplus.eval.cli"]
+_COMMANDS = ["vllm_sqplus.smooth_cli", "vllm_sqplus.export", "vllm_sqplus.gptq", "vllm_sqplus.tune", "vllm_sqplus.serve", "vllm_sqplus.eval.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,154 @@
+"""sqplus tune: end-to-end tuning of norms, biases and group scales with the INT4 codes frozen.
+
+References are plain PyTorch: quantize_int4 / dequantize_int4 (what the plugin's RTN at load does)
+and a KL written out from log_softmax. Tolerances: the parametrization at its start and the scores
+recomputed from the written checkpoint agree to float32 rounding (1e-6 relative); the stored
+scales to the stored dtype's rounding (bfloat16: 2^-8 relative).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from tiny import save_tiny
+from vllm_sqplus.quant import dequantize_int4, quantize_int4
+
+CALIB = "def f(x):\n    return [i * x for i in range(10)]\n\nclass A:\n    pass\n" * 300
+
+
+def _smoothed(tmp_path, arch="qwen2", group=64):
+    """A tiny full-precision checkpoint and its 'smoothed' twin (identity smoothing: the same
+    weights with a smoothquant_plus quantization_config), bfloat16 like the real ones."""
+    from vllm_sqplus.config import SqplusConfig
+    fp = save_tiny(tmp_path / "fp", arch, dtype=torch.bfloat16)
+    sm = tmp_path / "sm"
+    sm.mkdir()
+    for p in fp.iterdir():
+        sm.joinpath(p.name).write_bytes(p.read_bytes())
+    cfg = json.loads((fp / "config.json").read_text())
+    cfg["quantization_config"] = SqplusConfig(group_size=group).to_dict(
+        extra={"calibration": {"data": "x", "samples": 4, "heldout_samples": 2, "seq_len": 32, "gptq_samples": 6}})
+    (sm / "config.json").write_text(json.dumps(cfg))
+    calib = tmp_path / "c.txt"
+    calib.write_text(CALIB)
+    return fp, sm, calib
+
+
+def _hashes(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir() if p.is_file()}
+
+
+def test_group_scales_start_at_rtn_and_scale_each_group():
+    from vllm_sqplus.tune import GroupScales
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.05
+    q, s, z = quantize_int4(w, 64)
+    gs = GroupScales(w, 64, "w")
+    assert torch.allclose(gs(w), dequantize_int4(q, s, z, 64, torch.float32), rtol=1e-6, atol=0)
+    c = torch.rand(48, 4) + 0.5
+    with torch.no_grad():
+        gs.log_scale.copy_(c.log())
+    assert torch.allclose(gs(w), dequantize_int4(q, s.float() * c, z, 64, torch.float32), rtol=1e-6, atol=1e-9)
+
+
+def test_mean_kl_is_the_textbook_kl():
+    from vllm_sqplus.tune import mean_kl
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 11), torch.randn(5, 11)
+    p, lq = a.softmax(-1), b.log_softmax(-1)
+    ref = (p * (p.log() - lq)).sum(-1).mean()
+    assert torch.allclose(mean_kl(a, b), ref, rtol=1e-6)
+    assert float(mean_kl(a, a)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sqplus_tune_is_exact_under_rtn_at_load_and_lowers_the_served_kl(tmp_path):
+    from safetensors.torch import load_file
+    from vllm_sqplus.cli import main
+    from vllm_sqplus.checkpoint import load_full_precision
+    from vllm_sqplus.tune import heldout_kl, rtn_in_place
+    from vllm_sqplus.arch import get_arch
+    fp, sm, calib = _smoothed(tmp_path)
+    before = _hashes(sm)
+    out = tmp_path / "out"
+    assert main(["tune", str(sm), "--fp", str(fp), "--out", str(out), "--calib", str(calib), "--epochs", "3",
+                 "--lr", "0.02", "--scale-lr", "0.01"]) == 0
+    assert _hashes(sm) == before  # the input is never modified
+    rec = json.loads((out / "sqplus_tune.json").read_text())
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "smoothquant_plus" and qc["tuned"]["kept"] is True
+    assert rec["heldout_kl"] < 0.95 * rec["heldout_kl_start"]
+    assert rec["rtn_at_load_code_mismatches"] == 0
+    a, b = load_file(sm / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved == set(rec["changed"]) and moved
+    # only norms, biases and decoder linears move; embeddings (and lm_head) stay bit for bit
+    assert all(k.endswith(("norm.weight", "proj.bias", "proj.weight")) for k in moved)
+    assert any(k.endswith("norm.weight") for k in moved) and any(k.endswith("proj.bias") for k in moved)
+    lin = "model.layers.1.mlp.down_proj.weight"
+    assert lin in moved and b[lin].dtype == torch.bfloat16
+    # RTN at load of the stored weights: the input's codes and zero points, new scales
+    q1, s1, z1 = quantize_int4(a[lin], 64)
+    q2, s2, z2 = quantize_int4(b[lin], 64)
+    assert torch.equal(q1, q2) and torch.equal(z1, z2) and not torch.equal(s1, s2)
+    # the recorded score is the served model's: recompute it from the written checkpoint
+    from transformers import AutoTokenizer
+    from vllm_sqplus.calib import gptq_stage_ids
+    tok = AutoTokenizer.from_pretrained(out)
+    _, held = gptq_stage_ids(tok, str(calib), 6, 32, 2)
+    teacher = load_full_precision(fp, torch.float32)
+    for path, key in ((out, "heldout_kl"), (sm, "heldout_kl_start")):
+        m = load_full_precision(path, torch.float32)
+        rtn_in_place(m, get_arch(m.config), 64, torch.bfloat16)
+        assert heldout_kl(teacher, m, held) == pytest.approx(rec[key], rel=1e-5)
+
+
+def test_tune_without_scales_keeps_every_linear_weight(tmp_path):
+    from safetensors.torch import load_file
+    from vllm_sqplus.cli import main
+    fp, sm, calib = _smoothed(tmp_path, "llama")
+    out = tmp_path / "out"
+    assert main(["tune", str(sm), "--fp", str(fp), "--out", str(out), "--calib", str(calib), "--epochs", "2",
+                 "--lr", "0.02", "--no-scales"]) == 0
+    a, b = load_file(sm / "model.safetensors"), load_file(out / "model.safetensors")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    rec = json.loads((out / "sqplus_tune.json").read_text())
+    assert rec["kept"] and moved and all(k.endswith("norm.weight") for k in moved)
+
+
+def test_a_tuning_that_does_not_lower_the_served_kl_is_not_kept(tmp_path):
+    from safetensors.torch import load_file
+    from vllm_sqplus.cli import main
+    fp, sm, calib = _smoothed(tmp_path, "llama")
+    out = tmp_path / "out"
+    # a learning rate this large throws the norms and scales far off: worse on held-out samples
+    assert main(["tune", str(sm), "--fp", str(fp), "--out", str(out), "--calib", str(calib), "--epochs", "1",
+                 "--lr", "50", "--scale-lr", "5"]) == 0
+    rec = json.loads((out / "sqplus_tune.json").read_text())
+    assert rec["kept"] is False and rec["heldout_kl"] == rec["heldout_kl_start"] and rec["changed"] == []
+    assert rec["heldout_kl_tuned"] > rec["heldout_kl_start"]
+    a, b = load_file(sm / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fails(capsys, argv, needle):
+    from vllm_sqplus.cli import main
+    assert main(["tune", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("error:") == 1, err
+
+
+def test_tune_bad_input_one_clear_error(tmp_path, capsys):
+    fp, sm, calib = _smoothed(tmp_path)
+    o = str(tmp_path / "o")
+    _fails(capsys, [str(fp), "--fp", str(fp), "--out", o], "is not a smoothed checkpoint")
+    _fails(capsys, [str(sm), "--fp", str(sm), "--out", o], "is quantized; give the full-precision checkpoint")
+    other = save_tiny(tmp_path / "other", "qwen2", dtype=torch.bfloat16, vocab=256)
+    _fails(capsys, [str(sm), "--fp", str(other), "--out", o], "vocab_size 256 against 320")
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", str(sm)], "--out must differ from the input")
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--epochs", "0"], "--epochs must be >= 1, got 0")
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--calib", str(tmp_path / "none.txt")], "none.txt")
+    assert not (tmp_path / "o").exists()
