@@ -47,11 +47,33 @@ def test_group_scales_start_at_rtn_and_scale_each_group():
     w = torch.randn(48, 256) * 0.05
     q, s, z = quantize_int4(w, 64)
     gs = GroupScales(w, 64, "w")
-    assert torch.allclose(gs(w), dequantize_int4(q, s, z, 64, torch.float32), rtol=1e-6, atol=0)
+    assert torch.allclose(gs.weight(), dequantize_int4(q, s, z, 64, torch.float32), rtol=1e-6, atol=0)
     c = torch.rand(48, 4) + 0.5
     with torch.no_grad():
         gs.log_scale.copy_(c.log())
-    assert torch.allclose(gs(w), dequantize_int4(q, s.float() * c, z, 64, torch.float32), rtol=1e-6, atol=1e-9)
+    c[~gs.free] = 1.0  # groups short of 15 steps keep their scale
+    assert torch.allclose(gs.weight(), dequantize_int4(q, s.float() * c, z, 64, torch.float32), rtol=1e-6, atol=1e-9)
+
+
+def test_codes_linear_matches_plain_autograd_through_the_dequantized_weight():
+    """_CodesLinear rebuilds the weight in its backward; its gradients must be plain autograd's."""
+    from vllm_sqplus.tune import GroupScales
+    torch.manual_seed(0)
+    w = torch.randn(24, 128) * 0.05
+    gs = GroupScales(w, 64, "w")
+    with torch.no_grad():
+        gs.log_scale.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    y = gs.linear(x, b)
+    dy = torch.randn_like(y)
+    gx, gl, gb = torch.autograd.grad(y, (x, gs.log_scale, b), dy)
+    ref = torch.nn.functional.linear(x, (gs.qz.float() * gs.scales()[..., None]).reshape(24, 128), b)
+    rx, rl, rb = torch.autograd.grad(ref, (x, gs.log_scale, b), dy)
+    assert torch.allclose(y, ref, rtol=1e-6, atol=1e-7)
+    for a, r in ((gx, rx), (gl, rl), (gb, rb)):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-6)
+    assert (gl[~gs.free] == 0).all() and gl[gs.free].abs().sum() > 0
 
 
 def test_mean_kl_is_the_textbook_kl():
