@@ -118,9 +118,11 @@ def test_sqplus_tune_is_exact_under_rtn_at_load_and_lowers_the_served_kl(tmp_pat
     assert torch.equal(q1, q2) and torch.equal(z1, z2) and not torch.equal(s1, s2)
     # the recorded score is the served model's: recompute it from the written checkpoint
     from transformers import AutoTokenizer
-    from vllm_sqplus.calib import gptq_stage_ids
+    from vllm_sqplus.calib import load_calibration_texts, split_calibration, tokenize_samples
     tok = AutoTokenizer.from_pretrained(out)
-    _, held = gptq_stage_ids(tok, str(calib), 6, 32, 2)
+    # the search's held-out samples: statistics 4, held-out 2, then the GPTQ stage's 2 extra
+    _, held, ids = split_calibration(tokenize_samples(tok, load_calibration_texts(str(calib)), 8, 32), 4, 2, 6)
+    assert rec["samples"] == ids.shape[0] == 6 and rec["heldout_samples"] == 2
     teacher = load_full_precision(fp, torch.float32)
     for path, key in ((out, "heldout_kl"), (sm, "heldout_kl_start")):
         m = load_full_precision(path, torch.float32)

@@ -317,7 +317,8 @@ def _validate(args) -> tuple[dict, dict, Path]:
 def _run(args) -> int:
     from transformers import AutoTokenizer
     from vllm_sqplus.arch import get_arch
-    from vllm_sqplus.calib import DEFAULT_CALIB, DEFAULT_GPTQ_SAMPLES, DEFAULT_HELDOUT, gptq_stage_ids, load_calibration_texts
+    from vllm_sqplus.calib import (DEFAULT_CALIB, DEFAULT_GPTQ_SAMPLES, DEFAULT_HELDOUT, DEFAULT_STAT_SAMPLES,
+                                   load_calibration_texts, split_calibration, tokenize_samples)
     from vllm_sqplus.checkpoint import check_finite, load_full_precision, peak_rss_gib, write_checkpoint_atomic
     from vllm_sqplus.config import parse_config
     raw, qc, out = _validate(args)
@@ -327,14 +328,18 @@ def _run(args) -> int:
     n = args.samples or rec_cal.get("gptq_samples") or DEFAULT_GPTQ_SAMPLES
     seq_len = args.seq_len or rec_cal.get("seq_len") or 512
     n_held = rec_cal.get("heldout_samples") or DEFAULT_HELDOUT
-    load_calibration_texts(calib)  # a bad --calib fails here, before the models load
+    n_stats = rec_cal.get("samples") or DEFAULT_STAT_SAMPLES
+    texts = load_calibration_texts(calib)  # a bad --calib fails here, before the models load
     stored = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     stored_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(stored)
     if stored_dtype is None:
         raise SqplusError(f"{args.model}: stored dtype {stored!r} is not bfloat16, float16 or float32")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(args.model)
-    ids, heldout = gptq_stage_ids(tok, calib, n, seq_len, n_held)
+    # the token stream of `sqplus smooth`, cut as it cuts it: the GPTQ stage's samples to train on,
+    # the search's held-out samples (never among them) to choose the epoch and to judge the result
+    stream = tokenize_samples(tok, texts, n_stats + n_held + max(0, n - n_stats), seq_len)
+    _, heldout, ids = split_calibration(stream, n_stats, n_held, n)
     student = load_full_precision(args.model, torch.float32, attn_implementation="sdpa")
     teacher = load_full_precision(args.fp, torch.float32, attn_implementation="sdpa")
     check_finite(student, args.model)
