@@ -175,4 +175,6 @@ def test_tune_bad_input_one_clear_error(tmp_path, capsys):
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", str(sm)], "--out must differ from the input")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--epochs", "0"], "--epochs must be >= 1, got 0")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--calib", str(tmp_path / "none.txt")], "none.txt")
+    (sm / "model.safetensors").rename(sm / "weights.bin")
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o], "has no *.safetensors weights")
     assert not (tmp_path / "o").exists()

@@ -310,6 +310,8 @@ def _validate(args) -> tuple[dict, dict, Path]:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise SqplusError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if not any(Path(args.model).glob("*.safetensors")):
+        raise SqplusError(f"{args.model} has no *.safetensors weights (tune rewrites safetensors files only)")
     out = check_output_dir(args.model, args.out, args.overwrite)
     if Path(args.fp).resolve() in (out, *out.parents):
         raise SqplusError("--out must differ from (and not lie inside) the --fp folder")
