@@ -168,6 +168,9 @@ def _fails(capsys, argv, needle):
 def test_tune_bad_input_one_clear_error(tmp_path, capsys):
     fp, sm, calib = _smoothed(tmp_path)
     o = str(tmp_path / "o")
+    before = {d: _hashes(d) for d in (fp, sm)}
+    _fails(capsys, [str(tmp_path / "nope"), "--fp", str(fp), "--out", o], "model folder not found")
+    _fails(capsys, [str(sm), "--fp", str(tmp_path / "nope"), "--out", o], "model folder not found")
     _fails(capsys, [str(fp), "--fp", str(fp), "--out", o], "is not a smoothed checkpoint")
     _fails(capsys, [str(sm), "--fp", str(sm), "--out", o], "is quantized; give the full-precision checkpoint")
     other = save_tiny(tmp_path / "other", "qwen2", dtype=torch.bfloat16, vocab=256)
@@ -175,6 +178,36 @@ def test_tune_bad_input_one_clear_error(tmp_path, capsys):
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", str(sm)], "--out must differ from the input")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--epochs", "0"], "--epochs must be >= 1, got 0")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--calib", str(tmp_path / "none.txt")], "none.txt")
+    assert {d: _hashes(d) for d in (fp, sm)} == before
     (sm / "model.safetensors").rename(sm / "weights.bin")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o], "has no *.safetensors weights")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tune_bad_checkpoints_one_clear_error_before_training_and_inputs_untouched(tmp_path, capsys):
+    """Unsupported architecture and a group size that does not divide a width: from config.json,
+    before anything loads; NaN weights in either model: after loading, before any training."""
+    from safetensors.torch import load_file, save_file
+    o = str(tmp_path / "o")
+    fp, sm, calib = _smoothed(tmp_path / "a")
+    for d in (fp, sm):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o], "unsupported architecture")
+    fp, sm, calib = _smoothed(tmp_path / "b", group=128)  # hidden 128, intermediate 256: fits
+    cfg = json.loads((sm / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 64
+    for d, h in ((fp, 96), (sm, 96)):  # hidden 96 is not a multiple of 64
+        c = json.loads((d / "config.json").read_text()) if d == fp else dict(cfg)
+        (d / "config.json").write_text(json.dumps({**c, "hidden_size": h}))
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o], "not a multiple of group_size 64")
+    for which in ("sm", "fp"):
+        fp, sm, calib = _smoothed(tmp_path / f"nan-{which}")
+        d = sm if which == "sm" else fp
+        t = load_file(d / "model.safetensors")
+        t["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+        save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+        before = {x: _hashes(x) for x in (fp, sm)}
+        _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--calib", str(calib)], "NaN")
+        assert {x: _hashes(x) for x in (fp, sm)} == before
     assert not (tmp_path / "o").exists()

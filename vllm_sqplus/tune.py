@@ -290,7 +290,11 @@ def add_parser(subparsers) -> None:
 
 
 def _validate(args) -> tuple[dict, dict, Path]:
-    from vllm_sqplus.checkpoint import check_output_dir, read_config
+    """Every check that config.json files and flags allow, before a model loads."""
+    from types import SimpleNamespace
+    from vllm_sqplus.arch import get_arch
+    from vllm_sqplus.checkpoint import check_group_size_for_config, check_output_dir, read_config
+    from vllm_sqplus.config import parse_config
     raw, fp = read_config(args.model), read_config(args.fp)
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != "smoothquant_plus":
@@ -302,6 +306,8 @@ def _validate(args) -> tuple[dict, dict, Path]:
         raise SqplusError(f"{args.model} is quantized without zero point; tune needs zero_point true")
     if fp.get("quantization_config"):
         raise SqplusError(f"--fp {args.fp} is quantized; give the full-precision checkpoint")
+    get_arch(SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
+    check_group_size_for_config(raw, parse_config(qc, env={}).group_size)
     for key in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
         if raw.get(key) != fp.get(key):
             raise SqplusError(f"--fp {args.fp} is not the model {args.model} was made from: {key} "
@@ -347,6 +353,7 @@ def _run(args) -> int:
     student = load_full_precision(args.model, torch.float32, attn_implementation="sdpa")
     teacher = load_full_precision(args.fp, torch.float32, attn_implementation="sdpa")
     check_finite(student, args.model)
+    check_finite(teacher, args.fp)
     arch = get_arch(student.config)
     if cfg.lm_head != "none":  # the served logits: the plugin's lm_head quantization, frozen
         from vllm_sqplus.lm_head import pseudo_quantize_lm_head
