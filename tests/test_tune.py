@@ -86,17 +86,45 @@ def test_mean_kl_is_the_textbook_kl():
     assert float(mean_kl(a, a)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_topk_kl_is_the_kl_of_the_merged_distributions():
+    from vllm_sqplus.tune import mean_kl, topk_kl
+    torch.manual_seed(0)
+    a, b = torch.randn(7, 50) * 3, torch.randn(7, 50) * 3
+    t = torch.log_softmax(a, -1)
+    # k = the whole vocabulary: the full KL
+    top = torch.topk(t, 50)
+    assert torch.allclose(topk_kl(top.values, top.indices.int(), b), mean_kl(a, b), rtol=1e-5)
+    # k < vocabulary: the textbook KL of the (k tokens, one bucket) distributions, below the full KL
+    k = 5
+    top = torch.topk(t, k)
+    p, q = t.exp(), torch.softmax(b, -1)
+
+    def merged(d):
+        head = d.gather(-1, top.indices)
+        return torch.cat([head, 1 - head.sum(-1, keepdim=True)], -1).double()
+    pm, qm = merged(p), merged(q)
+    ref = (pm * (pm.log() - qm.log())).sum(-1).mean()
+    got = topk_kl(top.values, top.indices.int(), b)
+    assert float(got) == pytest.approx(float(ref), rel=1e-4)
+    assert 0 < float(got) < float(mean_kl(a, b))
+    assert float(topk_kl(top.values, top.indices.int(), a)) == pytest.approx(0.0, abs=1e-6)
+    # its gradient flows to the student's logits
+    b.requires_grad_(True)
+    topk_kl(top.values, top.indices, b).backward()
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
 def test_sqplus_tune_is_exact_under_rtn_at_load_and_lowers_the_served_kl(tmp_path):
     from safetensors.torch import load_file
     from vllm_sqplus.cli import main
     from vllm_sqplus.checkpoint import load_full_precision
-    from vllm_sqplus.tune import heldout_kl, rtn_in_place
+    from vllm_sqplus.tune import heldout_kl, rtn_in_place, teacher_logprobs
     from vllm_sqplus.arch import get_arch
     fp, sm, calib = _smoothed(tmp_path)
     before = _hashes(sm)
     out = tmp_path / "out"
     assert main(["tune", str(sm), "--fp", str(fp), "--out", str(out), "--calib", str(calib), "--epochs", "3",
-                 "--lr", "0.02", "--scale-lr", "0.01"]) == 0
+                 "--lr", "0.02", "--scale-lr", "0.01", "--topk", "64"]) == 0
     assert _hashes(sm) == before  # the input is never modified
     rec = json.loads((out / "sqplus_tune.json").read_text())
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -123,11 +151,13 @@ def test_sqplus_tune_is_exact_under_rtn_at_load_and_lowers_the_served_kl(tmp_pat
     # the search's held-out samples: statistics 4, held-out 2, then the GPTQ stage's 2 extra
     _, held, ids = split_calibration(tokenize_samples(tok, load_calibration_texts(str(calib)), 8, 32), 4, 2, 6)
     assert rec["samples"] == ids.shape[0] == 6 and rec["heldout_samples"] == 2
-    teacher = load_full_precision(fp, torch.float32)
+    teacher_logp = teacher_logprobs(load_full_precision(fp, torch.float32), held)
     for path, key in ((out, "heldout_kl"), (sm, "heldout_kl_start")):
         m = load_full_precision(path, torch.float32)
         rtn_in_place(m, get_arch(m.config), 64, torch.bfloat16)
-        assert heldout_kl(teacher, m, held) == pytest.approx(rec[key], rel=1e-5)
+        assert heldout_kl(teacher_logp, m, held) == pytest.approx(rec[key], rel=1e-5)
+    # the top 64 of 320 tokens hold at least a fifth of any distribution, and not all of it here
+    assert 64 / 320 <= rec["teacher_topk_mass"] < 1.0 and rec["options"]["topk"] == 64
 
 
 def test_tune_without_scales_keeps_every_linear_weight(tmp_path):
@@ -141,6 +171,8 @@ def test_tune_without_scales_keeps_every_linear_weight(tmp_path):
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     rec = json.loads((out / "sqplus_tune.json").read_text())
     assert rec["kept"] and moved and all(k.endswith("norm.weight") for k in moved)
+    # the default k (1024) is more than this vocabulary: every token kept, the loss is the full KL
+    assert rec["options"]["topk"] == 320 and rec["teacher_topk_mass"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_tuning_that_does_not_lower_the_served_kl_is_not_kept(tmp_path):
@@ -177,6 +209,7 @@ def test_tune_bad_input_one_clear_error(tmp_path, capsys):
     _fails(capsys, [str(sm), "--fp", str(other), "--out", o], "vocab_size 256 against 320")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", str(sm)], "--out must differ from the input")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--epochs", "0"], "--epochs must be >= 1, got 0")
+    _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--topk", "0"], "--topk must be >= 1, got 0")
     _fails(capsys, [str(sm), "--fp", str(fp), "--out", o, "--calib", str(tmp_path / "none.txt")], "none.txt")
     assert {d: _hashes(d) for d in (fp, sm)} == before
     (sm / "model.safetensors").rename(sm / "weights.bin")

@@ -8,21 +8,31 @@ numbers can still move without changing one code:
     the scale s' (its codes reach 0 and 15, as RTN's codes and the GPTQ stage's always do, so its
     range is 15 s'; up to the rounding of the stored dtype, checked below).
 This command fits them end to end, to the full-precision model's next-token distribution: Adam on
-the mean KL(FP || INT4 model) per token of the calibration samples of `sqplus smooth`'s GPTQ stage,
-with the codes frozen (the scales in log space). The result is judged as served: the tuned
-tensors are stored in the checkpoint's dtype, RTN of the stored weights is what is scored, on the
-search's held-out samples (never trained on), and the tuning is kept only if that held-out KL is
-below the input's. Related work: EfficientQAT's end-to-end training of step sizes with frozen codes
-(arXiv 2407.11062) and Norm Tweaking (arXiv 2309.02784).
+the mean KL per token between the full-precision model and the INT4 model over the calibration
+samples of `sqplus smooth`'s GPTQ stage, with the codes frozen (the scales in log space). The
+teacher runs once, before the student loads, and is then freed: on the training samples it leaves
+its top-k next tokens per position (k = 1024 by default) and their log-probabilities, and the training
+loss is the KL over those k tokens and one bucket for all others (exact when they cover the whole
+vocabulary, a lower bound otherwise; the record states the teacher's mass they cover); on the
+held-out samples it leaves every log-probability, so the held-out KL is exact. The result is judged
+as served: the tuned tensors are stored in the checkpoint's dtype, RTN of the stored weights is what
+is scored, on the search's held-out samples (never trained on), and the tuning is kept only if that
+held-out KL is below the input's. Related work: EfficientQAT's end-to-end training of step sizes
+with frozen codes (arXiv 2407.11062), Norm Tweaking (arXiv 2309.02784), and top-k logit caching for
+distillation.
 
-Cost: a forward of the full-precision teacher plus a forward and backward of the student per sample
-and epoch, both in float32 in memory. Measured on Qwen2.5-Coder-0.5B (2 GB in float32): 28 min for
-2 epochs of 64 x 512 tokens at 2 threads, peak RSS 12.5 GiB; the full-vocabulary logits and their
-softmax terms are a large part of it. Not part of `sqplus smooth`: at 1.5B it would not fit 24 GiB.
+Cost: one forward of the teacher per sample, then a forward and backward of the student per sample
+and epoch in float32; in memory at once: the student in float32 (its decoder linears as int8 codes
+and float32 group scales once training starts) and the held-out log-probabilities (held-out samples
+x tokens x vocabulary floats: 1.2 GB on Qwen2.5 with 4 x 512 tokens), never both models in float32.
+Measured before the teacher was cached (full-vocabulary KL, teacher kept in float32): Qwen2.5-Coder-0.5B,
+2 epochs of 64 x 512 tokens at 2 threads, 28 min, peak RSS 12.5 GiB. See sqplus_tune.json of a run
+for its own time and peak.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import shutil
@@ -47,6 +57,7 @@ class TuneOptions:
     scale_lr: float = 5e-4  # group scales: Adam's step on log(scale)
     scales: bool = True
     biases: bool = True
+    topk: int = 1024        # teacher tokens per position kept for the training loss (the rest: one bucket)
     seed: int = 0
 
 
@@ -132,17 +143,65 @@ def free_tensors(model, arch, biases: bool) -> list[tuple[str, nn.Parameter]]:
 
 
 def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), from logits [T, V]."""
+    """Mean over tokens of KL(teacher || student), from logits [T, V] (or log-probabilities)."""
     t = F.log_softmax(teacher_logits.float(), -1)
     return (t.exp() * (t - F.log_softmax(student_logits.float(), -1))).sum(-1).mean()
 
 
+def topk_kl(top_logp: torch.Tensor, top_ids: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) over k + 1 outcomes: the teacher's top k tokens
+    (their log-probabilities top_logp [T, k], ids top_ids [T, k]) and one bucket for every other
+    token. Equal to mean_kl when the k tokens are the whole vocabulary; never above it otherwise
+    (merging outcomes cannot raise a KL)."""
+    s = F.log_softmax(student_logits.float(), -1).gather(-1, top_ids.long())
+    p_rest = (-torch.expm1(torch.logsumexp(top_logp, -1))).clamp(min=0)
+    q_rest = (-torch.expm1(torch.logsumexp(s, -1))).clamp(min=1e-12)
+    kl = (top_logp.exp() * (top_logp - s)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest.log()
+    return kl.mean()
+
+
+@dataclass
+class TeacherTargets:
+    """What the training and the judging need of the full-precision model, computed once so that it
+    can be freed before the student is built: per training sample and position its top-k
+    log-probabilities and token ids; per held-out sample every log-probability."""
+    top_logp: torch.Tensor      # [samples, T, k] float32
+    top_ids: torch.Tensor       # [samples, T, k] int32
+    heldout_logp: torch.Tensor  # [heldout, T, vocabulary] float32
+
+    def topk_mass(self) -> float:
+        """Mean over training positions of the teacher's probability on its top k tokens."""
+        return float(self.top_logp.exp().sum(-1).mean())
+
+
 @torch.no_grad()
-def heldout_kl(teacher, student, heldout: torch.Tensor) -> float:
-    """Mean KL over the held-out samples. The teacher runs again on each call (4 calls a run): its
-    cached log-probabilities would hold samples x tokens x vocabulary floats (1.2 GB on Qwen2.5)."""
-    return sum(float(mean_kl(teacher(h[None]).logits[0], student(h[None]).logits[0]))
-               for h in heldout) / heldout.shape[0]
+def teacher_logprobs(teacher, samples: torch.Tensor) -> torch.Tensor:
+    """[n, T, vocabulary] float32 log-probabilities of the teacher on each sample (filled in place:
+    a list stacked at the end would hold them twice)."""
+    out = None
+    for i, x in enumerate(samples):
+        logp = F.log_softmax(teacher(x[None]).logits[0].float(), -1)
+        if out is None:
+            out = torch.empty((samples.shape[0], *logp.shape))
+        out[i] = logp
+    return out
+
+
+@torch.no_grad()
+def teacher_targets(teacher, ids: torch.Tensor, heldout: torch.Tensor, topk: int) -> TeacherTargets:
+    n, t = ids.shape
+    top_logp, top_ids = torch.empty(n, t, topk), torch.empty(n, t, topk, dtype=torch.int32)
+    for i, x in enumerate(ids):
+        top = torch.topk(F.log_softmax(teacher(x[None]).logits[0].float(), -1), topk, dim=-1)
+        top_logp[i], top_ids[i] = top.values, top.indices
+    return TeacherTargets(top_logp, top_ids, teacher_logprobs(teacher, heldout))
+
+
+@torch.no_grad()
+def heldout_kl(teacher_logp: torch.Tensor, student, heldout: torch.Tensor) -> float:
+    """Mean KL(teacher || student) over the held-out samples, from the teacher's cached
+    log-probabilities (teacher_logprobs)."""
+    return sum(float(mean_kl(t, student(h[None]).logits[0])) for t, h in zip(teacher_logp, heldout)) / heldout.shape[0]
 
 
 @torch.no_grad()
@@ -154,18 +213,20 @@ def rtn_in_place(model, arch, group_size: int, dtype: torch.dtype) -> None:
         lin.weight.copy_(pseudo_quantize_int4(lin.weight.to(dtype), group_size, True, name))
 
 
-def tune(teacher, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group_size: int,
+def tune(targets: TeacherTargets, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group_size: int,
          stored_dtype: torch.dtype, opts: TuneOptions = TuneOptions(), log=print) -> dict:
-    """Tune `student` (the smoothed model in float32, its stored weights as they are) against
-    `teacher` (the full-precision model, float32) in place; returns the record.
+    """Tune `student` (the smoothed model in float32, its stored weights as they are) in place
+    against the full-precision model's `targets` on `ids` and `heldout` (teacher_targets with
+    opts.topk); returns the record.
 
     On return the student holds the tensors to store (in float32, exactly representable in
     stored_dtype): the tuned ones if the tuning is kept, the input's otherwise. record["changed"]
     names the tensors that differ from the input."""
     torch.manual_seed(opts.seed)
-    for m in (teacher, student):
-        for p in m.parameters():
-            p.requires_grad_(False)
+    if targets.top_ids.shape[:2] != ids.shape or targets.heldout_logp.shape[:2] != heldout.shape:
+        raise SqplusError("tune: the teacher's targets do not belong to these samples")
+    for p in student.parameters():
+        p.requires_grad_(False)
     linears = decoder_linears(student, arch)
     free = free_tensors(student, arch, opts.biases)
     params = dict(student.named_parameters())
@@ -181,7 +242,7 @@ def tune(teacher, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group
     t0 = time.perf_counter()
     # the start, scored as served: RTN of the stored weights
     rtn_in_place(student, arch, group_size, stored_dtype)
-    start_kl = heldout_kl(teacher, student, heldout)
+    start_kl = heldout_kl(targets.heldout_logp, student, heldout)
     log(f"tune: held-out KL at the start {start_kl:.5f}")
     groups = [{"params": [p], "lr": opts.lr * float(p.detach().abs().mean().clamp(min=1e-3))}
               for _, p in free]
@@ -203,16 +264,13 @@ def tune(teacher, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group
     for ep in range(1, opts.epochs + 1):
         total = 0.0
         for j in torch.randperm(ids.shape[0]).tolist():
-            x = ids[j][None]
-            with torch.no_grad():
-                target = teacher(x).logits[0]
-            loss = mean_kl(target, student(x).logits[0])
+            loss = topk_kl(targets.top_logp[j], targets.top_ids[j], student(ids[j][None]).logits[0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach())
-        kl = heldout_kl(teacher, student, heldout)
+        kl = heldout_kl(targets.heldout_logp, student, heldout)
         epochs.append({"epoch": ep, "train_kl": total / ids.shape[0], "heldout_kl": kl})
         log(f"tune: epoch {ep}/{opts.epochs}: train KL {total / ids.shape[0]:.5f}, held-out KL {kl:.5f}")
         if kl < best["kl"]:
@@ -237,7 +295,7 @@ def tune(teacher, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group
     mismatches = (_code_mismatches([(name, lin, inputs[wname[id(lin)]]) for name, lin in linears], group_size,
                                    stored_dtype) if opts.scales else 0)
     rtn_in_place(student, arch, group_size, stored_dtype)
-    final_kl = heldout_kl(teacher, student, heldout)
+    final_kl = heldout_kl(targets.heldout_logp, student, heldout)
     kept = best["epoch"] > 0 and final_kl < start_kl  # epoch 0 is the input itself
     log(f"tune: held-out KL as served {final_kl:.5f} (start {start_kl:.5f}, best epoch {best['epoch']}); "
         + ("kept" if kept else "not kept: the input is written unchanged"))
@@ -248,6 +306,8 @@ def tune(teacher, student, arch, ids: torch.Tensor, heldout: torch.Tensor, group
     return {"method": "end-to-end KL(FP || RTN-at-load INT4) over RMSNorm weights"
                       + (", biases" if opts.biases else "") + (", group scales (codes frozen)" if opts.scales else ""),
             "options": asdict(opts), "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+            "train_loss": f"KL over the teacher's top {opts.topk} tokens and one bucket for the rest",
+            "teacher_topk_mass": round(targets.topk_mass(), 5),
             "heldout_samples": int(heldout.shape[0]), "epochs": epochs, "best_epoch": best["epoch"],
             "heldout_kl_start": start_kl, "heldout_kl": final_kl if kept else start_kl,
             "heldout_kl_tuned": final_kl, "kept": kept, "rtn_at_load_code_mismatches": mismatches,
@@ -281,6 +341,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=o.epochs)
     p.add_argument("--lr", type=float, default=o.lr, help="norms and biases: step relative to the tensor's mean |value|")
     p.add_argument("--scale-lr", type=float, default=o.scale_lr, help="group scales: step on log(scale)")
+    p.add_argument("--topk", type=int, default=o.topk,
+                   help="teacher tokens per position the training loss keeps (the rest are one bucket)")
     p.add_argument("--no-scales", action="store_true", help="leave the group scales as RTN at load sets them")
     p.add_argument("--no-biases", action="store_true")
     p.add_argument("--calib", default=None, help="as sqplus smooth --calib (default: the one the checkpoint records)")
@@ -314,7 +376,7 @@ def _validate(args) -> tuple[dict, dict, Path]:
         if raw.get(key) != fp.get(key):
             raise SqplusError(f"--fp {args.fp} is not the model {args.model} was made from: {key} "
                               f"{fp.get(key)!r} against {raw.get(key)!r}")
-    for flag in ("epochs", "samples", "seq_len"):
+    for flag in ("epochs", "samples", "seq_len", "topk"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise SqplusError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
@@ -352,10 +414,19 @@ def _run(args) -> int:
     # the search's held-out samples (never among them) to choose the epoch and to judge the result
     stream = tokenize_samples(tok, texts, n_stats + n_held + max(0, n - n_stats), seq_len)
     _, heldout, ids = split_calibration(stream, n_stats, n_held, n)
-    student = load_full_precision(args.model, torch.float32, attn_implementation="sdpa")
-    teacher = load_full_precision(args.fp, torch.float32, attn_implementation="sdpa")
+    # the student in its stored dtype while the teacher runs (float32 once the teacher is freed: the
+    # two models in float32 at once would not fit 24 GiB at 1.5B parameters)
+    student = load_full_precision(args.model, stored_dtype, attn_implementation="sdpa")
     check_finite(student, args.model)
+    teacher = load_full_precision(args.fp, torch.float32, attn_implementation="sdpa")
     check_finite(teacher, args.fp)
+    topk = min(args.topk, int(teacher.config.vocab_size))
+    print(f"tune: the teacher on {ids.shape[0]} + {heldout.shape[0]} samples (top {topk} tokens kept for training)",
+          file=sys.stderr, flush=True)
+    targets = teacher_targets(teacher, ids, heldout, topk)
+    del teacher
+    gc.collect()
+    student.float()
     arch = get_arch(student.config)
     if cfg.lm_head != "none":  # the served logits: the plugin's lm_head quantization, frozen
         from vllm_sqplus.lm_head import pseudo_quantize_lm_head
@@ -365,10 +436,10 @@ def _run(args) -> int:
     print(f"tune: {ids.shape[0]} x {ids.shape[1]} training tokens, {heldout.shape[0]} held-out samples ({calib})",
           file=sys.stderr, flush=True)
     opts = TuneOptions(epochs=args.epochs, lr=args.lr, scale_lr=args.scale_lr, scales=not args.no_scales,
-                       biases=not args.no_biases)
-    record = tune(teacher, student, arch, ids, heldout, cfg.group_size, stored_dtype, opts,
+                       biases=not args.no_biases, topk=topk)
+    record = tune(targets, student, arch, ids, heldout, cfg.group_size, stored_dtype, opts,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    del teacher
+    del targets
     record.update(peak_rss_gib=round(peak_rss_gib(), 3), command=" ".join(["sqplus", *sys.argv[1:]]),
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=platform.node(),
                   threads=torch.get_num_threads(), fp=str(args.fp), input=str(args.model))
