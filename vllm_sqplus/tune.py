@@ -174,13 +174,18 @@ class TeacherTargets:
         return float(self.top_logp.exp().sum(-1).mean())
 
 
+def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
+    """[T, vocabulary] float32 next-token log-probabilities of `model` on one sample [T]."""
+    return F.log_softmax(model(x[None]).logits[0].float(), -1)
+
+
 @torch.no_grad()
 def teacher_logprobs(teacher, samples: torch.Tensor) -> torch.Tensor:
     """[n, T, vocabulary] float32 log-probabilities of the teacher on each sample (filled in place:
     a list stacked at the end would hold them twice)."""
     out = None
     for i, x in enumerate(samples):
-        logp = F.log_softmax(teacher(x[None]).logits[0].float(), -1)
+        logp = _logprobs(teacher, x)
         if out is None:
             out = torch.empty((samples.shape[0], *logp.shape))
         out[i] = logp
@@ -192,8 +197,7 @@ def teacher_targets(teacher, ids: torch.Tensor, heldout: torch.Tensor, topk: int
     n, t = ids.shape
     top_logp, top_ids = torch.empty(n, t, topk), torch.empty(n, t, topk, dtype=torch.int32)
     for i, x in enumerate(ids):
-        top = torch.topk(F.log_softmax(teacher(x[None]).logits[0].float(), -1), topk, dim=-1)
-        top_logp[i], top_ids[i] = top.values, top.indices
+        top_logp[i], top_ids[i] = torch.topk(_logprobs(teacher, x), topk, dim=-1)
     return TeacherTargets(top_logp, top_ids, teacher_logprobs(teacher, heldout))
 
 
