@@ -88,14 +88,18 @@ def test_search_table_and_identity():
     assert res.fp_row["kl"] == 0.0 and res.seconds["total"] > 0
 
 
-def test_prune_rule_is_every_grid_alpha_losing_to_rtn_on_nll():
+def test_prune_rule_is_no_grid_alpha_beating_rtn_on_both_nll_and_kl():
     from vllm_sqplus.search import Candidate, Score, _prune
     scored = {IDENTITY: Score(0.05, 2.00), Candidate(0.2): Score(0.04, 2.01), Candidate(0.4): Score(0.06, 2.03)}
     assert "--thorough" in _prune(scored, SearchOptions(), 2)   # lower KL alone is no foothold
     assert _prune(scored, SearchOptions(prune=False), 2) is None
     assert _prune(scored, SearchOptions(), 1) is None             # the user's one alpha: never pruned
-    scored[Candidate(0.6)] = Score(0.07, 2.00)                      # a tie with RTN's NLL qualifies
-    assert _prune(scored, SearchOptions(), 3) is None
+    scored[Candidate(0.6)] = Score(0.07, 1.99)                      # lower NLL alone is none either (1.5B, s22)
+    assert "--thorough" in _prune(scored, SearchOptions(), 3)
+    scored[Candidate(0.8)] = Score(0.05, 2.00)                      # RTN's KL exactly: not lower
+    assert "--thorough" in _prune(scored, SearchOptions(), 4)
+    scored[Candidate(0.5)] = Score(0.049, 2.00)                     # a tie with RTN's NLL, lower KL: a foothold
+    assert _prune(scored, SearchOptions(), 5) is None
     assert _prune({IDENTITY: Score(0.05, 2.0)}, SearchOptions(), 2) is None
     # above RTN's NLL within the noise of the tokens is still a loss (the strict guard, session 13)
     rtn = torch.full((512,), 2.0, dtype=torch.float64)

@@ -11,9 +11,9 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    a coarse grid of whole-model alphas (SmoothQuant+'s one alpha for the model) and the identity.
    Two short refinement passes (best +/- 0.1, then +/- 0.05) follow: 9 candidates instead of a
    21-point grid, same resolution.
-   Pruning (SearchOptions.prune, on by default): when every alpha of the grid loses to plain RTN on
-   the held-out NLL, the smoothed phases below (refinement, the best alpha clipped, the per-layer
-   descent) are skipped and the search goes on with RTN's clipping and the GPTQ stage (_prune).
+   Pruning (SearchOptions.prune, on by default): when no alpha of the grid beats plain RTN on both
+   the held-out NLL and KL (none is a choice over RTN), the smoothed phases below (refinement, the
+   best alpha clipped, the per-layer descent) are skipped and the search goes on with RTN's clipping and the GPTQ stage (_prune).
 2. Per-layer refinement (granularity "layer", the default): coordinate descent over each layer's
    pair types (norm->qkv, norm->gate/up, up->down, v->o where it applies), starting from the
    whole-model alpha (trials: none, the start, start +- 0.2, 0.5). A trial is scored by the error of the layer's output against the full-
@@ -134,7 +134,7 @@ class SearchOptions:
     rounding_opts: RoundingOptions = field(default_factory=RoundingOptions)  # the learned stage's settings
     gptq_spill: bool = False            # that stage's codes kept in files (checkpoint.LayerSpill), not memory
     spill_dir: str | None = None        # where those files go (None: the system's temporary folder)
-    prune: bool = True                  # skip the smoothed phases when no grid alpha beats RTN's NLL (_prune)
+    prune: bool = True                  # skip the smoothed phases when no grid alpha beats RTN (_prune)
     clip_ratios: tuple[float, ...] = DEFAULT_RATIOS
     batch_size: int = 4
     progress: bool = False
@@ -685,22 +685,24 @@ def _coarse_grid() -> list[float]:
 
 def _prune(scored: dict, opts: SearchOptions, n_grid: int) -> str | None:
     """Why the smoothed phases (alpha refinement, the best alpha clipped, the per-layer descent)
-    are skipped, or None. They are skipped when every searched alpha of the grid lost to plain RTN
-    on the held-out NLL, the guard `choose` applies: then smoothing has no foothold to refine from.
-    Evidence behind it: on Qwen2.5-Coder-0.5B (21-point grid) and 1.5B (the default grid) no
-    alpha beat RTN's NLL, and neither did any refined, clipped or per-layer smoothing (the
-    searches chose rtn and rtn+gptq); on SmolLM2 most alphas beat RTN and per-layer+clip won. On
-    Qwen-1.5B that is about 30 of 85 minutes by session 5's phase times (refinement 8, Fisher 2,
-    per-layer 18, half of the clip pass's 10). Off with SearchOptions.prune False (--thorough);
-    never with a single alpha (the user's own)."""
+    are skipped, or None. They are skipped when no alpha of the grid is one `choose` would take
+    over plain RTN: every alpha either loses to RTN on the held-out NLL (the guard) or does not
+    lower the held-out KL (the criterion). Then smoothing has no foothold to refine from.
+    Evidence: on Qwen2.5-Coder-0.5B no alpha beat RTN's NLL; on Qwen2.5-Coder-1.5B (session 22)
+    alpha 0.4 beat its NLL by 0.008 nats (less than one standard error) with 24% more KL, and the
+    phases the NLL-only rule then ran (refinement, the clipped alpha, Fisher, the per-layer
+    descent: about 30 of its 100 minutes) produced nothing `choose` took (it chose rtn, then
+    rtn+gptq). On SmolLM2 most alphas beat RTN on both and per-layer+clip won. Off with
+    SearchOptions.prune False (--thorough); never with a single alpha (the user's own)."""
     if not opts.prune or n_grid < 2:
         return None
-    rtn_nll = scored[IDENTITY].nll
-    best = min((v.nll for c, v in scored.items() if c.alpha is not None), default=None)
-    if best is None or _no_worse_than_rtn(best, rtn_nll):
+    rtn = scored[IDENTITY]
+    alphas = [v for c, v in scored.items() if c.alpha is not None]
+    if not alphas or any(_no_worse_than_rtn(v.nll, rtn.nll) and v.kl < rtn.kl for v in alphas):
         return None
-    return (f"no alpha of the grid beat plain RTN's held-out NLL (best {best:.5f} vs "
-            f"{rtn_nll:.5f}); the smoothed phases were skipped (--thorough runs them)")
+    return (f"no alpha of the grid beat plain RTN on both the held-out NLL and KL (best NLL "
+            f"{min(v.nll for v in alphas):.5f} vs {rtn.nll:.5f}, best KL {min(v.kl for v in alphas):.5f} vs "
+            f"{rtn.kl:.5f}); the smoothed phases were skipped (--thorough runs them)")
 
 
 @torch.no_grad()
