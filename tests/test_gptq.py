@@ -36,6 +36,44 @@ def test_gptq_with_identity_hessian_is_rtn():
     assert (q.int() - q0.int()).abs().max() <= 1 and (q != q0).float().mean() < 0.01  # ties only
 
 
+def _textbook_gptq(w, h, g, damp=0.01):
+    """GPTQ as the paper writes it (arXiv 2210.17323, Algorithm 1 without lazy blocks), float64:
+    Hinv = upper Cholesky factor of (H + damp mean(diag H) I)^-1; column by column, the group's
+    min-max scale and zero from the weights as updated when its first column is reached, the
+    column rounded, its error / Hinv[j, j] pushed onto the later columns along Hinv[j, j+1:]."""
+    W = w.double().clone()
+    n, k = W.shape
+    H = h.double().clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    Q = torch.zeros(n, k, dtype=torch.uint8)
+    for j in range(k):
+        if j % g == 0:
+            grp = W[:, j:j + g]
+            lo, hi = grp.amin(-1).clamp(max=0), grp.amax(-1).clamp(min=0)
+            s = ((hi - lo).clamp(min=1e-5) / 15).to(torch.bfloat16).double()
+            z = torch.round(-lo / s).clamp(0, 15)
+        q = (torch.round(W[:, j] / s) + z).clamp(0, 15)
+        Q[:, j] = q.to(torch.uint8)
+        e = (W[:, j] - (q - z) * s) / U[j, j]
+        W[:, j + 1:] -= e[:, None] * U[j, j + 1:][None, :]
+    return Q
+
+
+def test_gptq_agrees_with_the_textbook_algorithm():
+    """Blocked, transposed float32 GPTQ against the unblocked float64 one written from the paper:
+    the same codes except where float32 rounding flips a tie (< 0.5%, never by more than one
+    step), on wide and tall weights (several blocks and groups)."""
+    gen = torch.Generator().manual_seed(5)
+    for n, k in ((48, 384), (160, 256)):
+        x = torch.randn(1024, k, generator=gen) @ (torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k))
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+        q, _, _ = gptq_quantize(w, x.T @ x, 64, True, torch.bfloat16)
+        ref = _textbook_gptq(w, x.T @ x, 64)
+        diff = q.int() - ref.int()
+        assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.005, (n, k, (diff != 0).float().mean())
+
+
 def test_sqplus_gptq_writes_a_packed_checkpoint_that_loads(tmp_path):
     from vllm_sqplus.cli import main
     src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
@@ -306,8 +344,9 @@ def test_inverse_upper_cholesky_against_the_plain_reference():
     """GPTQ's Hinv from one Cholesky of the flipped Hessian equals the reference
     cholesky(inverse(H), upper) to float32 rounding, and is upper triangular exactly."""
     from vllm_sqplus.gptq import _inverse_upper_cholesky
-    x = torch.randn(400, 150, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    h = x.T @ x + 0.1 * torch.eye(150, dtype=torch.float64)
+    k = 700  # above the triangular inverse's leaf (256): its halving recursion runs, on uneven halves
+    x = torch.randn(2000, k, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = x.T @ x + 0.1 * torch.eye(k, dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     box = [h.float()]
     u = _inverse_upper_cholesky(box)
