@@ -13,7 +13,8 @@ distribution, full precision || quantized model, after the final norm and lm_hea
    21-point grid, same resolution.
    Pruning (SearchOptions.prune, on by default): when no alpha of the grid beats plain RTN on both
    the held-out NLL and KL (none is a choice over RTN), the smoothed phases below (refinement, the
-   best alpha clipped, the per-layer descent) are skipped and the search goes on with RTN's clipping and the GPTQ stage (_prune).
+   best alpha clipped, the per-layer descent) are skipped and the search goes on with RTN's
+   clipping and the GPTQ stage (_prune).
 2. Per-layer refinement (granularity "layer", the default): coordinate descent over each layer's
    pair types (norm->qkv, norm->gate/up, up->down, v->o where it applies), starting from the
    whole-model alpha (trials: none, the start, start +- 0.2, 0.5). A trial is scored by the error of the layer's output against the full-
