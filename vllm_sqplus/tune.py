@@ -26,7 +26,7 @@ and epoch in float32; in memory at once: the student in float32 (its decoder lin
 and float32 group scales once training starts) and the held-out log-probabilities (held-out samples
 x tokens x vocabulary floats: 1.2 GB on Qwen2.5 with 4 x 512 tokens), never both models in float32.
 Measured on Qwen2.5-Coder-0.5B at 1 thread: 128 x 512 tokens, 1 epoch, 32.6 min, peak RSS 11.4 GiB
-(session 21, teacher resident, full-vocabulary KL: 64 x 2 epochs, 28 min at 2 threads, 15.9 GiB).
+(session 21, teacher resident, full-vocabulary KL: 64 x 2 epochs, 28 min at 2 threads, 12.5 GiB).
 See sqplus_tune.json of a run for its own time and peak.
 """
 from __future__ import annotations
