@@ -229,10 +229,11 @@ def test_already_smoothed_and_bad_alpha(tmp_path, capsys, calib_file):
     _fails(capsys, ["smooth", str(src), "--out", str(tmp_path / "o3"), "--alpha", "1.5"], "--alpha must lie in [0, 1]")
 
 
-@pytest.mark.parametrize("act_order", [True, False])
-def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, act_order):
-    # act_order=True: the defaults (act-order, true-sequential); False: --no-gptq-act-order
-    # --no-gptq-true-sequential (GPTQ's usual order), both options off in one tiny run
+@pytest.mark.parametrize("act_order,asym", [(True, False), (False, False), (True, True)])
+def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_path, calib_file, act_order, asym):
+    # act_order=True: act-order, true-sequential; False: --no-gptq-act-order
+    # --no-gptq-true-sequential (GPTQ's usual order), both options off in one tiny run;
+    # asym: the asymmetric stage (--gptq-asymmetric)
     """The default's last stage: GPTQ on the chosen smoothed + clipped weights, a row of its own,
     kept by search.keep_gptq_stage; when kept, every stored linear is a fixed point of the
     plugin's RTN at load (dequantize(quantize(w)) == w bit for bit), so the plugin reproduces it.
@@ -242,6 +243,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     src = save_tiny(tmp_path / "src", "llama", dtype=torch.bfloat16)
     out = tmp_path / "out"
     extra = [] if act_order else ["--no-gptq-act-order", "--no-gptq-true-sequential"]
+    extra += ["--gptq-asymmetric"] if asym else ["--no-gptq-asymmetric"]
     assert main(["smooth", str(src), "--out", str(out), "--calib", str(calib_file), *FAST, *extra]) == 0
     table = json.loads((out / "sqplus_search.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
@@ -260,6 +262,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     assert qc["gptq"] == table["chosen"].endswith("+gptq")
     if qc["gptq"]:
         assert qc["gptq_act_order"] is act_order and qc["gptq_true_sequential"] is act_order
+        assert qc["gptq_asymmetric"] is asym
     else:
         assert "gptq_act_order" not in qc and "gptq_true_sequential" not in qc
     sd = load_file(out / "model.safetensors")
@@ -350,6 +353,9 @@ def test_gptq_range_search_without_act_order_is_one_error_before_any_work(tmp_pa
     out = tmp_path / "out"
     _fails(capsys, ["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--gptq-range-search",
                     "--no-gptq-act-order"], "--gptq-range-search goes with act-order")
+    assert not out.exists()
+    _fails(capsys, ["smooth", str(src), "--out", str(out), "--calib", str(calib_file), "--gptq-asymmetric",
+                    "--no-gptq-true-sequential"], "--gptq-asymmetric goes with the true-sequential order")
     assert not out.exists()
 
 

@@ -125,6 +125,8 @@ def test_gptq_bad_input_one_clear_error_and_input_untouched(tmp_path, capsys):
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "16"], "group_size must be one of")
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32", "--samples", "0"],
                 "--samples must be >= 1, got 0")
+    _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32", "--asymmetric",
+                         "--no-true-sequential"], "--asymmetric goes with the true-sequential order")
     (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
     _gptq_fails(capsys, [str(src), "--out", str(tmp_path / "o"), "--group-size", "32"], "unsupported architecture")
     (src / "config.json").write_text(json.dumps(cfg))
@@ -245,9 +247,11 @@ def test_act_order_reproducible_survives_rtn_at_load_and_beats_plain_order_on_un
     assert errs[True] < 0.9 * errs[False]
 
 
-@pytest.mark.parametrize("flags,expect", [([], True), (["--no-act-order", "--no-true-sequential"], False)])
+@pytest.mark.parametrize("flags,expect", [([], True), (["--no-act-order", "--no-true-sequential"], False),
+                                          (["--asymmetric"], True)])
 def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path, flags, expect):
-    """Both on by default, both off with their --no- forms; the config records which."""
+    """Both on by default, both off with their --no- forms; the config records which (and
+    --asymmetric, recorded only when on)."""
     from vllm_sqplus.cli import main
     src = save_tiny(tmp_path / "src", "qwen2", dtype=torch.bfloat16)
     calib = tmp_path / "c.txt"
@@ -257,6 +261,7 @@ def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path, flags,
                  "--samples", "4", "--seq-len", "32", "--group-size", "64"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"]["act_order"] is expect and qc["gptq"]["true_sequential"] is expect
+    assert qc["gptq"].get("asymmetric", False) is ("--asymmetric" in flags)
     assert qc["gptq"]["rtn_at_load_mismatches"] == 0
 
 
@@ -338,6 +343,92 @@ def test_gptq_layer_hessians_and_output_against_a_reference(tmp_path, arch_name,
         assert torch.equal(q, qs[n][0]) and torch.equal(s, qs[n][1]) and torch.equal(z, qs[n][2]), n
     # not vacuous: the other order's input of down_proj has another Hessian, which gives other codes
     assert not torch.equal(codes("mlp.down_proj", other)[0], qs["mlp.down_proj"][0])
+
+
+def test_asymmetric_target_is_the_least_squares_fit_of_the_full_precision_output():
+    """Without damping, asymmetric_target's W* solves min ||X W^T - X~ W*^T|| (plain lstsq), and
+    with X = X~ it is W itself; the damped form stays close to it on well-conditioned inputs."""
+    from vllm_sqplus.gptq import asymmetric_target
+    g = torch.Generator().manual_seed(4)
+    xq = torch.randn(400, 48, generator=g, dtype=torch.float64) + 2.0
+    x = xq + 0.1 * torch.randn(400, 48, generator=g, dtype=torch.float64)
+    w = torch.randn(24, 48, generator=g, dtype=torch.float64)
+    h, r = xq.T @ xq, xq.T @ ((x - xq) @ w.T)
+    ref = torch.linalg.lstsq(xq, x @ w.T).solution.T
+    torch.testing.assert_close(asymmetric_target(w, h, r, damp=0.0).double(), ref, rtol=1e-3, atol=1e-3)
+    assert torch.equal(asymmetric_target(w, h, torch.zeros_like(r), damp=0.0), w.float())
+    damped = asymmetric_target(w, h, r, damp=0.01).double()
+    assert (damped - ref).norm() < 0.1 * (ref - w).norm()  # most of the correction survives the damping
+    assert (damped - w).norm() > 0.5 * (ref - w).norm()
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_asymmetric_gptq_layer_against_a_reference(tmp_path, arch_name):
+    """gptq_layer with fp_inputs (the layer's inputs on another, 'full-precision' stream): each
+    linear's codes are exactly gptq_quantize(asymmetric_target(W, H, R), H) with H = X~^T X~ and
+    R = X~^T (X - X~) W^T from the inputs X~ the quantized layer gives it (true-sequential) and X
+    from the full-precision stream (the layer as given on it), summed per batch of 2 samples where
+    the sub-module runs in batches (o_proj, down_proj), in the stage's own order of products (R =
+    X~^T Y - H W^T from the captured output Y for down_proj, M W^T with M = X~^T (X - X~) for the
+    others; both checked against the plain formula); and they differ from the symmetric stage's codes."""
+    import copy
+    from vllm_sqplus.arch import get_arch, get_module
+    from vllm_sqplus.calibrate import LayerwiseModel
+    from vllm_sqplus.checkpoint import load_full_precision
+    from vllm_sqplus.gptq import asymmetric_target, capture_linear_inputs, gptq_layer
+    model = load_full_precision(str(save_tiny(tmp_path / "m", arch_name, dtype=torch.bfloat16)))
+    arch = get_arch(model.config)
+    runner = LayerwiseModel(model, arch, batch_size=2)
+    ids = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    hs_fp = runner.run_layer(runner.layer_on_device(0), runner.embed(ids))
+    hs = hs_fp * 1.02 + 0.05 * hs_fp.std() * torch.randn(hs_fp.shape, generator=torch.Generator().manual_seed(1))
+    layer = runner.layer_on_device(1)
+    orig = {n: get_module(layer, n).weight.detach().clone() for n in arch.linears}
+    orig_layer = copy.deepcopy(layer)
+    caps, fp_out = capture_linear_inputs(copy.deepcopy(layer), arch, runner, hs_fp)
+    torch.testing.assert_close(fp_out, runner.run_layer(copy.deepcopy(layer), hs_fp), rtol=0, atol=0)
+    sym_layer = copy.deepcopy(layer)
+    qs, out = gptq_layer(layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
+                         true_sequential=True, fp_inputs=caps)
+    qs_sym, _ = gptq_layer(sym_layer, arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
+                           true_sequential=True)
+    seen = {}
+    hooks = [get_module(layer, n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.__setitem__(n, a[0].float())) for n in arch.linears]
+    layer(hs, **runner._capture_kwargs(hs.shape[1]))
+    for hk in hooks:
+        hk.remove()
+    fp_seen = {}  # the plain reference's X: each linear's input in the layer as given, on hs_fp
+    hooks = [get_module(orig_layer, n).register_forward_pre_hook(
+        lambda m, a, n=n: fp_seen.__setitem__(n, a[0].float())) for n in arch.linears]
+    orig_layer(hs_fp, **runner._capture_kwargs(hs.shape[1]))
+    for hk in hooks:
+        hk.remove()
+    differ = 0
+    for n in arch.linears:
+        w = orig[n].float()
+        batched = n in ("mlp.down_proj", "self_attn.o_proj")
+        xq_b = seen[n].split(2) if batched else [seen[n]]
+        kind, fp = caps[n]
+        assert kind == ("out" if w.shape[1] > w.shape[0] else "in"), n
+        fp_b = fp if batched else [torch.cat(fp)]
+        h = r = None
+        for a, b in zip(xq_b, fp_b):  # the stage's own form of R, batch by batch
+            a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]).float()
+            hb, rb = a2.T @ a2, (a2.T @ b2 if kind == "out" else a2.T @ (b2 - a2))
+            h, r = (hb, rb) if h is None else (h + hb, r + rb)
+        r = r @ w.T if kind == "in" else r - h @ w.T
+        xq2, x2 = seen[n].reshape(-1, w.shape[1]), fp_seen[n].reshape(-1, w.shape[1])
+        torch.testing.assert_close(r, xq2.T @ ((x2 - xq2) @ w.T), rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+        w_star = asymmetric_target(orig[n], h, r).to(torch.bfloat16)
+        q, s, z = gptq_quantize(w_star, h, 32, True, torch.bfloat16, reproducible=True)
+        torch.testing.assert_close(q.float(), qs[n][0].float(), rtol=0, atol=0, msg=n)
+        assert torch.equal(s, qs[n][1]) and torch.equal(z, qs[n][2]), n
+        differ += int((qs[n][0] != qs_sym[n][0]).sum())
+    assert differ > 0
+    with pytest.raises(SqplusError, match="true-sequential"):
+        gptq_layer(copy.deepcopy(sym_layer), arch, runner, hs, 32, True, torch.bfloat16, reproducible=True,
+                   true_sequential=False, fp_inputs=caps)
 
 
 def test_inverse_upper_cholesky_against_the_plain_reference():

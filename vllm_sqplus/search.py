@@ -130,6 +130,7 @@ class SearchOptions:
     gptq_act_order: bool = True         # that stage with activation order (static groups)
     gptq_true_sequential: bool = True   # that stage in true-sequential order (one forward per layer)
     gptq_range_ratios: tuple[float, ...] | None = None  # that stage's group-range search (act-order only)
+    gptq_asymmetric: bool = False       # that stage fitted to the full-precision stream (gptq.asymmetric_target)
     rounding: str = "gptq"              # what that stage does: "gptq", "learned" (vllm_sqplus.rounding) or both
                                         # ("gptq+learned": learned rounding started from GPTQ's result)
     rounding_opts: RoundingOptions = field(default_factory=RoundingOptions)  # the learned stage's settings
@@ -610,13 +611,13 @@ def _keep_layer(out, work: nn.Module, qs: dict, q: QuantSpec) -> int:
 
 
 def _gptq_stage_layer(work: nn.Module, arch: ArchSpec, runner: LayerwiseModel, hs: torch.Tensor, q: QuantSpec,
-                      opts: SearchOptions):
+                      opts: SearchOptions, fp_inputs: dict | None = None):
     """gptq.gptq_layer with the stage's options (RTN-reproducible form): one call for _pass_gptq
     and the GPTQ start of _pass_learned, so both run the same GPTQ."""
     from vllm_sqplus.gptq import gptq_layer
     return gptq_layer(work, arch, runner, hs, q.group_size, q.zero_point, q.store_dtype, reproducible=True,
                       act_order=opts.gptq_act_order, true_sequential=opts.gptq_true_sequential,
-                      range_ratios=opts.gptq_range_ratios)
+                      range_ratios=opts.gptq_range_ratios, fp_inputs=fp_inputs)
 
 
 @torch.no_grad()
@@ -625,9 +626,13 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
     """GPTQ (vllm_sqplus.gptq, RTN-reproducible form) on the smoothed + clipped layers of `plans`, on
     the quantized stream of `stat_ids` (search's gptq_ids). Returns (per layer {linear: (packed codes, scales,
     zeros)}: a list, or a checkpoint.LayerSpill with opts.gptq_spill; the held-out stream of the
-    result; values that RTN at load would not give back)."""
+    result; values that RTN at load would not give back). With opts.gptq_asymmetric the smoothed
+    (and clipped) layers, not yet quantized, also carry the full-precision stream, and each linear
+    is fitted to its full-precision output there (gptq.asymmetric_target)."""
+    from vllm_sqplus.gptq import capture_linear_inputs
     config = runner.model.config
     hs = runner.embed(stat_ids)
+    hs_fp = hs.clone() if opts.gptq_asymmetric else None
     hs_held = runner.embed(heldout)
     out = _stage_store(opts)
     mismatches = 0
@@ -636,7 +641,11 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
         work = copy.deepcopy(layer)
         prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
                       layer_name=f"layers.{i}", quantize=False)
-        qs, hs = _gptq_stage_layer(work, arch, runner, hs, q, opts)
+        fp = None
+        if opts.gptq_asymmetric:
+            fp, hs_fp = capture_linear_inputs(work, arch, runner, hs_fp)
+        qs, hs = _gptq_stage_layer(work, arch, runner, hs, q, opts, fp_inputs=fp)
+        del fp
         mismatches += _keep_layer(out, work, qs, q)
         hs_held = runner.run_layer(work, hs_held)
         del layer, work

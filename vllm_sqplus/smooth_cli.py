@@ -142,6 +142,8 @@ def validate(args):
                               "it goes with --rounding learned or gptq+learned")
     if args.gptq_range_search and not args.gptq_act_order:
         raise SqplusError("--gptq-range-search goes with act-order (drop --no-gptq-act-order)")
+    if args.gptq_asymmetric and not args.gptq_true_sequential:
+        raise SqplusError("--gptq-asymmetric goes with the true-sequential order (drop --no-gptq-true-sequential)")
     # (also covers --lm-head int4: the lm_head's in_features are hidden_size, like q_proj's)
     check_group_size_for_config(read_config(args.model_dir), args.group_size)  # folder, config.json
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -168,7 +170,10 @@ def search_options(args, alpha, out: Path | None = None):
                          fisher=args.layer_loss == "fisher", batch_size=args.batch_size, progress=True,
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
-                         gptq_range_ratios=range_ratios_of(args.gptq_range_search), prune=not args.thorough,
+                         gptq_range_ratios=range_ratios_of(args.gptq_range_search),
+                         # the learned-rounding stages start from the plain (symmetric) GPTQ
+                         gptq_asymmetric=args.gptq_asymmetric and args.rounding == "gptq",
+                         prune=not args.thorough,
                          rounding=args.rounding,
                          rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss,
                                                        target=args.rounding_target),
@@ -271,7 +276,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
             "rounding_target": args.rounding_target}
            if chosen.endswith("+learned") else {}),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
-            "gptq_range_search": bool(args.gptq_range_search)}
+            "gptq_range_search": bool(args.gptq_range_search), "gptq_asymmetric": bool(args.gptq_asymmetric) and not chosen.endswith("+learned")}
            if chosen.endswith(GPTQ_SUFFIXES) else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
