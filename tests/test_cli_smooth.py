@@ -262,7 +262,7 @@ def test_default_gptq_stage_is_scored_and_stored_in_rtn_reproducible_form(tmp_pa
     assert qc["gptq"] == table["chosen"].endswith("+gptq")
     if qc["gptq"]:
         assert qc["gptq_act_order"] is act_order and qc["gptq_true_sequential"] is act_order
-        assert qc["gptq_asymmetric"] is asym
+        assert qc["gptq_asymmetric"] is asym and ("gptq_asymmetric_ridge" in qc) is asym
     else:
         assert "gptq_act_order" not in qc and "gptq_true_sequential" not in qc
     sd = load_file(out / "model.safetensors")

@@ -262,6 +262,7 @@ def test_sqplus_gptq_act_order_and_true_sequential_are_recorded(tmp_path, flags,
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["gptq"]["act_order"] is expect and qc["gptq"]["true_sequential"] is expect
     assert qc["gptq"].get("asymmetric", False) is ("--asymmetric" in flags)
+    assert qc["gptq"].get("asymmetric_ridge") == (0.3 if "--asymmetric" in flags else None)
     assert qc["gptq"]["rtn_at_load_mismatches"] == 0
 
 

@@ -712,7 +712,7 @@ def _run(args) -> int:
     gptq_info = {"calibration": {"data": args.calib, "samples": int(ids.shape[0]), "seq_len": args.seq_len},
                  "damp": 0.01, "act_order": bool(args.act_order),
                  "true_sequential": bool(args.true_sequential),
-                 **({"asymmetric": True} if args.asymmetric else {}),
+                 **({"asymmetric": True, "asymmetric_ridge": ASYM_DAMP} if args.asymmetric else {}),
                  **({"range_ratios": list(RANGE_RATIOS)} if args.range_search else {}),
                  "seconds": round(secs, 1)}
 

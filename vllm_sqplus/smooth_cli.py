@@ -261,6 +261,7 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
     from vllm_sqplus.arch import get_arch
     from vllm_sqplus.checkpoint import peak_rss_gib, save_model, write_checkpoint_atomic
     from vllm_sqplus.config import SqplusConfig
+    from vllm_sqplus.gptq import ASYM_DAMP
     arch = get_arch(model.config)
     rows = {r["name"]: r for r in res.table}
     best, rtn = rows[chosen], rows["rtn"]
@@ -276,7 +277,9 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
             "rounding_target": args.rounding_target}
            if chosen.endswith("+learned") else {}),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
-            "gptq_range_search": bool(args.gptq_range_search), "gptq_asymmetric": bool(args.gptq_asymmetric) and not chosen.endswith("+learned")}
+            "gptq_range_search": bool(args.gptq_range_search), "gptq_asymmetric": bool(args.gptq_asymmetric) and not chosen.endswith("+learned"),
+            **({"gptq_asymmetric_ridge": ASYM_DAMP} if args.gptq_asymmetric and not chosen.endswith("+learned")
+               else {})}
            if chosen.endswith(GPTQ_SUFFIXES) else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
