@@ -280,3 +280,42 @@ def test_gptq_stage_spilled_to_files_is_the_same_stage(tmp_path):
         runs.append(list(codes))
     for a, b in zip(*runs):
         assert a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
+
+
+def test_asymmetric_gptq_stage_takes_its_reference_from_the_unclipped_smoothed_layers(monkeypatch):
+    """With SearchOptions.gptq_asymmetric the full-precision side of the stage is the smoothed
+    layer without its clipping (smoothing is exact; clipping is not): the layers the stage captures
+    from equal prepare_layer(plan without clip) and, where the plan clips, differ from the clipped one."""
+    import copy
+    import dataclasses
+    import vllm_sqplus.gptq as G
+    from vllm_sqplus.arch import get_module
+    from vllm_sqplus.calibrate import LayerwiseModel
+    from vllm_sqplus.search import _pass_gptq, _stats_on, prepare_layer
+    model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
+    arch = get_arch(model.config)
+    ids = _ids(6, 32, seed=2)
+    q = QuantSpec(64, True, torch.bfloat16)
+    kw = dict(fit_samples=2, batch_size=2, gptq=True, prune=False, refine=False, alphas=(0.5,))
+    mem = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw))
+    name, plans = next((k, v) for k, v in mem.finals.items() if any(p.clip is not None for p in v))
+    seen = []
+    real = G.capture_linear_inputs
+    monkeypatch.setattr(G, "capture_linear_inputs", lambda layer, *a: (
+        seen.append({n: get_module(layer, n).weight.detach().clone() for n in arch.linears}), real(layer, *a))[1])
+    runner = LayerwiseModel(model, arch, "cpu", batch_size=2)
+    _pass_gptq(runner, arch=arch, q=q, act_stats=mem.act_stats, plans=plans, stat_ids=ids[:4], heldout=ids[4:],
+               opts=SearchOptions(**kw, gptq_asymmetric=True))
+    assert len(seen) == len(plans)
+    clipped_differs = False
+    for i, plan in enumerate(plans):
+        layer = runner.layer_on_device(i)
+        stats = _stats_on(mem.act_stats[i], runner.device)
+        want, clipped = copy.deepcopy(layer), copy.deepcopy(layer)
+        prepare_layer(want, layer, arch, model.config, stats, dataclasses.replace(plan, clip=None), q,
+                      layer_name=f"layers.{i}", quantize=False)
+        prepare_layer(clipped, layer, arch, model.config, stats, plan, q, layer_name=f"layers.{i}", quantize=False)
+        for n in arch.linears:
+            assert torch.equal(seen[i][n], get_module(want, n).weight), (name, i, n)
+            clipped_differs |= not torch.equal(seen[i][n], get_module(clipped, n).weight)
+    assert clipped_differs, name

@@ -44,6 +44,7 @@ distribution, full precision || quantized model, after the final norm and lm_hea
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -627,8 +628,8 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
     the quantized stream of `stat_ids` (search's gptq_ids). Returns (per layer {linear: (packed codes, scales,
     zeros)}: a list, or a checkpoint.LayerSpill with opts.gptq_spill; the held-out stream of the
     result; values that RTN at load would not give back). With opts.gptq_asymmetric the smoothed
-    (and clipped) layers, not yet quantized, also carry the full-precision stream, and each linear
-    is fitted to its full-precision output there (gptq.asymmetric_target)."""
+    layers without their clipping (the full-precision function, smoothing being exact) also carry
+    the full-precision stream, and each linear is fitted to its output there (gptq.asymmetric_target)."""
     from vllm_sqplus.gptq import capture_linear_inputs
     config = runner.model.config
     hs = runner.embed(stat_ids)
@@ -643,7 +644,14 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
                       layer_name=f"layers.{i}", quantize=False)
         fp = None
         if opts.gptq_asymmetric:
-            fp, hs_fp = capture_linear_inputs(work, arch, runner, hs_fp)
+            # the reference is the full-precision function: smoothed (exact) but not clipped
+            ref = work
+            if plans[i].clip is not None:
+                ref = copy.deepcopy(layer)
+                prepare_layer(ref, layer, arch, config, _stats_on(act_stats[i], runner.device),
+                              dataclasses.replace(plans[i], clip=None), q, layer_name=f"layers.{i}", quantize=False)
+            fp, hs_fp = capture_linear_inputs(ref, arch, runner, hs_fp)
+            del ref
         qs, hs = _gptq_stage_layer(work, arch, runner, hs, q, opts, fp_inputs=fp)
         del fp
         mismatches += _keep_layer(out, work, qs, q)
