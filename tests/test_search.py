@@ -258,15 +258,21 @@ def test_gptq_stage_is_kept_on_lower_kl_and_nll_within_one_error_of_its_base():
     assert keep_gptq_stage({**stage, "nll_minus_base": 0.0, "nll_minus_base_se": 0.0}, base)
 
 
-def test_gptq_stage_spilled_to_files_is_the_same_stage(tmp_path):
-    """SearchOptions.gptq_spill (what `sqplus smooth` uses): the stage's codes kept in a LayerSpill
-    beside the output are exactly the in-memory stage's, with the same table."""
+def _stage_search():
+    """A tiny Qwen2 search with the GPTQ stage (one alpha, no pruning or refinement): (model, arch,
+    ids [6, 32] (4 statistics + 2 held-out samples), the quant spec, the options' keywords, result)."""
     model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
     arch = get_arch(model.config)
     ids = _ids(6, 32, seed=2)
     q = QuantSpec(64, True, torch.bfloat16)
     kw = dict(fit_samples=2, batch_size=2, gptq=True, prune=False, refine=False, alphas=(0.5,))
-    mem = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw))
+    return model, arch, ids, q, kw, search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw))
+
+
+def test_gptq_stage_spilled_to_files_is_the_same_stage(tmp_path):
+    """SearchOptions.gptq_spill (what `sqplus smooth` uses): the stage's codes kept in a LayerSpill
+    beside the output are exactly the in-memory stage's, with the same table."""
+    model, arch, ids, q, kw, mem = _stage_search()
     spill = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw, gptq_spill=True, spill_dir=str(tmp_path)))
     assert [(r["name"], r["kl"], r["nll"]) for r in mem.table] == [(r["name"], r["kl"], r["nll"]) for r in spill.table]
     from vllm_sqplus.search import _pass_gptq  # the stage itself, whatever the choice was
@@ -292,12 +298,7 @@ def test_asymmetric_gptq_stage_takes_its_reference_from_the_unclipped_smoothed_l
     from vllm_sqplus.arch import get_module
     from vllm_sqplus.calibrate import LayerwiseModel
     from vllm_sqplus.search import _pass_gptq, _stats_on, prepare_layer
-    model = tiny_model("qwen2", kv_heads=2).to(torch.bfloat16).eval()
-    arch = get_arch(model.config)
-    ids = _ids(6, 32, seed=2)
-    q = QuantSpec(64, True, torch.bfloat16)
-    kw = dict(fit_samples=2, batch_size=2, gptq=True, prune=False, refine=False, alphas=(0.5,))
-    mem = search(model, arch, ids[:4], ids[4:], q, SearchOptions(**kw))
+    model, arch, ids, q, kw, mem = _stage_search()
     name, plans = next((k, v) for k, v in mem.finals.items() if any(p.clip is not None for p in v))
     seen = []
     real = G.capture_linear_inputs
