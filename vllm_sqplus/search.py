@@ -640,16 +640,16 @@ def _pass_gptq(runner: LayerwiseModel, *, arch: ArchSpec, q: QuantSpec, act_stat
     for i in _layers(runner, opts.progress, "gptq"):
         layer = runner.layer_on_device(i)
         work = copy.deepcopy(layer)
-        prepare_layer(work, layer, arch, config, _stats_on(act_stats[i], runner.device), plans[i], q,
-                      layer_name=f"layers.{i}", quantize=False)
+        stats = _stats_on(act_stats[i], runner.device)
+        prepare_layer(work, layer, arch, config, stats, plans[i], q, layer_name=f"layers.{i}", quantize=False)
         fp = None
         if opts.gptq_asymmetric:
             # the reference is the full-precision function: smoothed (exact) but not clipped
             ref = work
             if plans[i].clip is not None:
                 ref = copy.deepcopy(layer)
-                prepare_layer(ref, layer, arch, config, _stats_on(act_stats[i], runner.device),
-                              dataclasses.replace(plans[i], clip=None), q, layer_name=f"layers.{i}", quantize=False)
+                prepare_layer(ref, layer, arch, config, stats, dataclasses.replace(plans[i], clip=None), q,
+                              layer_name=f"layers.{i}", quantize=False)
             fp, hs_fp = capture_linear_inputs(ref, arch, runner, hs_fp)
             del ref
         qs, hs = _gptq_stage_layer(work, arch, runner, hs, q, opts, fp_inputs=fp)
