@@ -152,6 +152,13 @@ def validate(args):
     return alpha, out, load_calibration_texts(args.calib)
 
 
+def asymmetric_stage(args) -> bool:
+    """Whether the GPTQ stage is fitted to the full-precision stream (--gptq-asymmetric): only the
+    plain GPTQ stage is; the learned-rounding stages start from the plain (symmetric) GPTQ. Decided
+    here once, for the search (search_options) and for the record (write)."""
+    return bool(args.gptq_asymmetric) and args.rounding == "gptq"
+
+
 def search_options(args, alpha, out: Path | None = None):
     """The search's options from the command line; with `out`, the GPTQ stage keeps its codes in
     files beside the output folder until they are applied (checkpoint.LayerSpill)."""
@@ -171,8 +178,7 @@ def search_options(args, alpha, out: Path | None = None):
                          gptq=not (args.no_gptq or args.no_clip or fixed or args.no_zero_point),
                          gptq_act_order=args.gptq_act_order, gptq_true_sequential=args.gptq_true_sequential,
                          gptq_range_ratios=range_ratios_of(args.gptq_range_search),
-                         # the learned-rounding stages start from the plain (symmetric) GPTQ
-                         gptq_asymmetric=args.gptq_asymmetric and args.rounding == "gptq",
+                         gptq_asymmetric=asymmetric_stage(args),
                          prune=not args.thorough,
                          rounding=args.rounding,
                          rounding_opts=RoundingOptions(iters=args.rounding_iters, loss=args.rounding_loss,
@@ -277,9 +283,8 @@ def write(args, out: Path, model, res, chosen: str, plans, stat_ids, heldout, pe
             "rounding_target": args.rounding_target}
            if chosen.endswith("+learned") else {}),
         **({"gptq_act_order": bool(args.gptq_act_order), "gptq_true_sequential": bool(args.gptq_true_sequential),
-            "gptq_range_search": bool(args.gptq_range_search), "gptq_asymmetric": bool(args.gptq_asymmetric) and not chosen.endswith("+learned"),
-            **({"gptq_asymmetric_ridge": ASYM_DAMP} if args.gptq_asymmetric and not chosen.endswith("+learned")
-               else {})}
+            "gptq_range_search": bool(args.gptq_range_search), "gptq_asymmetric": asymmetric_stage(args),
+            **({"gptq_asymmetric_ridge": ASYM_DAMP} if asymmetric_stage(args) else {})}
            if chosen.endswith(GPTQ_SUFFIXES) else {}),
         "choice": chosen,
         **({"layer_alphas": [p.alphas for p in plans]} if per_layer_kind else {}),
