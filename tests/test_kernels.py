@@ -148,6 +148,23 @@ def test_leading_dims_and_empty():
     assert lin(torch.empty(0, 128, dtype=torch.bfloat16)).shape == (0, 96)
 
 
+@needs_ext
+def test_input_layouts_give_the_same_bits(cpu):
+    # the op reads a contiguous 2-D x in place and copies any other layout first: a transposed
+    # view, a 1-D x and a 3-D x must give exactly the contiguous 2-D call's output, in their shapes
+    x, q, s, z, b, ref = _problem(4, 80, 128, 64, True, torch.bfloat16, True)
+    packed = pack_weights(q, s, z, 64, cpu)
+    y = w4a16_matmul(x, packed, 64, cpu, b)
+    assert _rel_err(y, ref) < TOL[torch.bfloat16]
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    assert not xt.is_contiguous()
+    assert torch.equal(w4a16_matmul(xt, packed, 64, cpu, b), y)
+    y1 = w4a16_matmul(x[1], packed, 64, cpu, b)
+    assert y1.shape == (80,) and torch.equal(y1, y[1])
+    y3 = w4a16_matmul(x.view(2, 2, 128), packed, 64, cpu, b)
+    assert y3.shape == (2, 2, 80) and y3.is_contiguous() and torch.equal(y3.view(4, 80), y)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("sqplus", marks=needs_ext)])
 def test_module_dtype_cast_keeps_packed_layout(backend):
     # model.to(bfloat16) casts the bias, never the packed codes / float32 scales

@@ -64,7 +64,7 @@ namespace {
 using TileFn = void (*)(const TileProblem&);
 
 struct CpuIsa {
-  bool avx2, avx512, vnni, amx;
+  bool avx2, avx512, vnni, amx, amd;
 };
 
 // AMX-TILE and AMX-BF16 (cpuid leaf 7: edx bits 24 and 22), and Linux's grant of the tile data
@@ -89,7 +89,7 @@ const CpuIsa& cpu_isa() {
                         __builtin_cpu_supports("avx512vl");
     const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
     return CpuIsa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), avx512, vnni,
-                  vnni && amx_usable()};
+                  vnni && amx_usable(), __builtin_cpu_is("amd") > 0};
   }();
   return isa;
 }
@@ -242,12 +242,14 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     b32 = bias->to(at::kFloat).contiguous();
   }
 
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  // why no reshape of a contiguous 2-D x and the output made in its final shape (not viewed): a
+  // view is a dispatcher call plus autograd view metadata, visible in a decode-sized call
+  const at::Tensor x2 = x.dim() == 2 && x.is_contiguous() ? x : x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out.view(out_shape);
+  at::Tensor out = at::empty(out_shape, x.options());  // contiguous: row m of [M, N] at m * N
+  if (M == 0 || N == 0) return out;
 
   // Activations once per call: float32, in nibble order and pre-scaled per nibble position (layout
   // note), K padded to 8 with zeros; plus the per-group sums that carry the zero points. The AMX
@@ -308,6 +310,9 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const float* zp = zeros.contiguous().data_ptr<float>();
   const int32_t* qp = qweight.contiguous().data_ptr<int32_t>();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const bool amd_plan = cpu_isa().amd && M <= kVnniPrefetchAmdMaxRows;
+  const int64_t pf_l1 = amd_plan ? kVnniPrefetchL1Amd : kVnniPrefetchL1Intel;
+  const int64_t pf_l2 = amd_plan ? kVnniPrefetchL2Amd : kVnniPrefetchL2Intel;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_out", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -315,12 +320,15 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     // oversubscribed machine where a descheduled thread stalls the join); >= ~256K MACs a task
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, K8 * kTileN * M));
     at::parallel_for(0, Nt, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> acc(M * kTileN), spad, zpad;
+      // accumulators on the stack up to 16 rows (4 KiB; a malloc per task otherwise)
+      alignas(64) float acc_stack[16 * kTileN];
+      std::vector<float> acc_heap(M > 16 ? M * kTileN : 0), spad, zpad;
+      float* acc = M > 16 ? acc_heap.data() : acc_stack;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kTileN, cols = std::min(kTileN, N - n0);
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc, acc + M * kTileN, 0.0f);
         TileProblem p{qp + t * (K8 / kChunkK) * kTileN, sp + n0, zp + n0, N, xs.data(), xsum.data(),
-                      xbp, xq.data(), xscale.data(), M, K8, len, G, acc.data()};
+                      xbp, xq.data(), xscale.data(), M, K8, len, G, acc, pf_l1, pf_l2};
         if (cols < kTileN) {  // last, partial tile: the kernels read 64 columns, give them padding
           spad.assign(G * kTileN, 0.0f);
           zpad.assign(G * kTileN, 0.0f);
@@ -341,7 +349,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       }
     });
   });
-  return out.view(out_shape);
+  return out;
 }
 
 }  // namespace sqplus_cpu

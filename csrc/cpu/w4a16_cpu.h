@@ -61,7 +61,23 @@ struct TileProblem {
   const float* xscale;  // [M][G] their scales (x ~ xscale * xq), those two kernels only
   int64_t M, K8, group, G;  // group = k's per group (a multiple of 8, or K8 when G == 1)
   float* acc;           // [M][64] output accumulators, zeroed by the caller
+  // software prefetch of the weight stream, in tile rows (256 bytes) ahead of the row being read:
+  // into L1 (0: none) and into L2; tile_vnni only (kVnniPrefetch* below)
+  int64_t pf_l1_rows, pf_l2_rows;
 };
+
+// The VNNI kernel's prefetch distances (TileProblem::pf_*), chosen per call in w4a16_cpu.cpp by
+// the CPU's vendor (cpuid, read once per process) and the rows. Intel, and AMD above
+// kVnniPrefetchAmdMaxRows rows: 32 rows (8 KiB) into L1 and 256 (64 KiB) into L2, the scheme of the
+// Sapphire-Rapids-class VM the kernel was written on (session 11). AMD at 1-2 rows (memory bound):
+// L2 only, 128 rows ahead. why: on a Zen 5 VM (1 thread, cold weights, variant builds timed
+// interleaved in one process; results/README.md, amd-epyc-zen5-2c, session 26) dropping the L1
+// prefetch, L2 at 128 rows, was 1.03-1.06x at M = 1-2 on five benchmark shapes; L2 at 256 rows about
+// level with 128, at 512-1024 worse on the small shapes (their prefetches run past the weights' end);
+// no prefetch at all 0.84x on 4096x4096; from 4 rows on (compute bound) 0.98-1.04x, no clear gain,
+// so the plan changes there. Not measured on Zen 4 (it takes the AMD plan) or Zen 3 (AVX2 kernel).
+constexpr int64_t kVnniPrefetchL1Intel = 32, kVnniPrefetchL2Intel = 256;
+constexpr int64_t kVnniPrefetchL1Amd = 0, kVnniPrefetchL2Amd = 128, kVnniPrefetchAmdMaxRows = 2;
 
 // For tile_vnni and tile_avx2_int16 (16-bit activations only) xsum holds xscale * sum(xq)
 // instead: the sum of the quantized activations the kernel multiplies (w4a16_vnni.cpp).

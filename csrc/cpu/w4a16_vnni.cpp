@@ -104,7 +104,7 @@ __attribute__((always_inline)) inline void mask_vector(__m512i (&acc)[S][MR][kNV
   mask_pair<MR, S, V, 3>(acc, _mm512_and_si512(w8, m1f), x, K8);
 }
 
-template <int MR, bool kMask>
+template <int MR, bool kMask, bool kPrefetchL1>
 inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
   constexpr int NV = kNV;
   // why: vpdpwssd has a latency of ~5 cycles at 2 per cycle, so ~10 chains must be in flight;
@@ -119,11 +119,13 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   const __m512i m0f = _mm512_set1_epi32(0x000F000F), m1f = _mm512_set1_epi32(0x00F000F0);
   const int32_t* q = p.qw + (k0 / kChunkK) * kTileN;
   const int16_t* x = p.xq + m0 * p.K8 + k0;
+  // a tile row is 4 lines; prefetch p.pf_l1_rows ahead into L1 (Intel), p.pf_l2_rows into L2
+  // (w4a16_cpu.h: kVnniPrefetch*)
+  const int64_t pf1 = p.pf_l1_rows * kTileN, pf2 = p.pf_l2_rows * kTileN;
   for (int64_t c = 0; c < len / kChunkK; ++c, q += kTileN, x += kChunkK) {
-    // a tile row is 4 lines; prefetch 32 rows (8 KiB) ahead into L1, 256 (64 KiB) into L2
     for (int l = 0; l < 4; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + 32 * kTileN + l * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(q + 256 * kTileN + l * 16), _MM_HINT_T1);
+      if constexpr (kPrefetchL1) _mm_prefetch(reinterpret_cast<const char*>(q + pf1 + l * 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + pf2 + l * 16), _MM_HINT_T1);
     }
     if constexpr (kMask) {
       // 1-2 rows: vector by vector (mask_vector: one shift per vector)
@@ -170,16 +172,24 @@ inline void group_vnni(const TileProblem& p, int64_t gi, int64_t k0, int64_t len
   }
 }
 
-}  // namespace
-
-void tile_vnni(const TileProblem& p) {
+template <bool kPrefetchL1>
+void tile_vnni_pf(const TileProblem& p) {
   for_each_group_and_row_block(p, [&](auto mr, int64_t gi, int64_t k0, int64_t len, int64_t m0) {
     constexpr int MR = decltype(mr)::value;
     if (MR <= 2 && len <= kMaskMaxLen)
-      group_vnni<MR, MR <= 2>(p, gi, k0, len, m0);
+      group_vnni<MR, MR <= 2, kPrefetchL1>(p, gi, k0, len, m0);
     else
-      group_vnni<MR, false>(p, gi, k0, len, m0);
+      group_vnni<MR, false, kPrefetchL1>(p, gi, k0, len, m0);
   });
+}
+
+}  // namespace
+
+void tile_vnni(const TileProblem& p) {
+  if (p.pf_l1_rows > 0)
+    tile_vnni_pf<true>(p);
+  else
+    tile_vnni_pf<false>(p);
 }
 
 namespace {
