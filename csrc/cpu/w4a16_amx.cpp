@@ -118,8 +118,8 @@ void rows_upto16(const TileProblem& p, int64_t len) {
       // 256 chunks (64 KiB) ahead into L2 (one line 8 chunks ahead was too little: at 4-8 rows
       // on 4096x4096 the kernel waited on memory, 1.3 ms at any row count)
       for (int l = 0; l < 16; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + 32 * kTileN + l * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(q + 256 * kTileN + l * 16), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchL1Rows * kTileN + l * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchL2Rows * kTileN + l * 16), _MM_HINT_T1);
       }
       _tile_loadd(4, p.xb + k, p.K8 * 2);
       // the column blocks unrolled: tile numbers are immediates

@@ -32,9 +32,6 @@
 namespace sqplus_cpu {
 namespace {
 
-constexpr int64_t kPrefetchRows = 32;     // 8 KiB ahead into L1, as the FMA kernel
-constexpr int64_t kPrefetchRowsL2 = 256;  // 64 KiB ahead into L2, as the VNNI kernel
-
 // the int16 pair (k, k+1) as one int32 broadcast to 8 lanes; memcpy: no aliasing
 inline __m256i pair8(const int16_t* x) {
   int32_t v;
@@ -79,8 +76,8 @@ inline void group_avx2_int16(const TileProblem& p, int64_t gi, int64_t k0, int64
     // once (first pass over the group)
     if (v0 == 0)
       for (int l = 0; l < 4; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchRows * kTileN + l * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchRowsL2 * kTileN + l * 16), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchL1Rows * kTileN + l * 16), _MM_HINT_T0);  // 8 KiB (w4a16_cpu.h)
+        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchL2Rows * kTileN + l * 16), _MM_HINT_T1);  // 64 KiB
       }
     pair_avx2<MR, NV, 0>(acc, q, x, p.K8, m0f);
     pair_avx2<MR, NV, 1>(acc, q, x, p.K8, m0f);

@@ -311,8 +311,8 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const int32_t* qp = qweight.contiguous().data_ptr<int32_t>();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   const bool amd_plan = cpu_isa().amd && M <= kVnniPrefetchAmdMaxRows;
-  const int64_t pf_l1 = amd_plan ? kVnniPrefetchL1Amd : kVnniPrefetchL1Intel;
-  const int64_t pf_l2 = amd_plan ? kVnniPrefetchL2Amd : kVnniPrefetchL2Intel;
+  const int64_t pf_l1 = amd_plan ? kVnniPrefetchL1Amd : kPrefetchL1Rows;
+  const int64_t pf_l2 = amd_plan ? kVnniPrefetchL2Amd : kPrefetchL2Rows;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "w4a16_gemm_out", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();

@@ -76,7 +76,8 @@ struct TileProblem {
 // level with 128, at 512-1024 worse on the small shapes (their prefetches run past the weights' end);
 // no prefetch at all 0.84x on 4096x4096; from 4 rows on (compute bound) 0.98-1.04x, no clear gain,
 // so the plan changes there. Not measured on Zen 4 (it takes the AMD plan) or Zen 3 (AVX2 kernel).
-constexpr int64_t kVnniPrefetchL1Intel = 32, kVnniPrefetchL2Intel = 256;
+// kPrefetchL1Rows / kPrefetchL2Rows: the session-11 plan, also what tile_amx and tile_avx2_int16 use.
+constexpr int64_t kPrefetchL1Rows = 32, kPrefetchL2Rows = 256;
 constexpr int64_t kVnniPrefetchL1Amd = 0, kVnniPrefetchL2Amd = 128, kVnniPrefetchAmdMaxRows = 2;
 
 // For tile_vnni and tile_avx2_int16 (16-bit activations only) xsum holds xscale * sum(xq)
